@@ -1,0 +1,137 @@
+"""Public op: spatial-reduction attention (many queries, few keys) without the N x M matrix.
+
+``sra_attention(q, k, v, num_heads, scale=None)``: q (B, N, C), k and v (B, M, C) → (B, N, C).
+Backends: ``triton`` (flash-style kernels, CUDA or the Triton interpreter), ``torch``
+(``scaled_dot_product_attention`` on strided head views), ``reference``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..backends import resolve
+
+__all__ = ["sra_attention"]
+
+_MAX_HEAD_DIM = 128
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"sra_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"sra_attention: {name} must have rank 3 (B, tokens, C), got shape "
+                             f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"sra_attention: {name} must be floating point, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"sra_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"sra_attention: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    B, N, C = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"sra_attention: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[2] != C or v.shape[2] != C:
+        raise ValueError(f"sra_attention: channels differ: q {C}, k {k.shape[2]}, v {v.shape[2]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"sra_attention: k and v must have the same number of tokens M, got "
+                         f"{k.shape[1]} and {v.shape[1]}")
+    if k.shape[1] < 1:
+        raise ValueError("sra_attention: need at least one key (M >= 1), got M = 0")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise TypeError(f"sra_attention: num_heads must be a positive int, got {num_heads!r}")
+    if C % num_heads:
+        raise ValueError(f"sra_attention: C = {C} is not divisible by num_heads = {num_heads}")
+    if C // num_heads > _MAX_HEAD_DIM:
+        raise ValueError(f"sra_attention: head dim C/num_heads = {C // num_heads} exceeds "
+                         f"{_MAX_HEAD_DIM}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"sra_attention: scale must be a float or None, got {type(scale).__name__}")
+
+
+def _triton_ready(t: Tensor) -> Tensor:
+    # kernels read rows by stride but need the channel dim contiguous (kv halves already are)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------- triton: torch.library op
+@torch.library.custom_op("segformer_fast::sra_attention_fwd", mutates_args=())
+def _sra_fwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from ..kernels.triton.sra_attention import sra_attention_fwd
+    return sra_attention_fwd(_triton_ready(q), _triton_ready(k), _triton_ready(v), num_heads, scale)
+
+
+@_sra_fwd.register_fake
+def _(q, k, v, num_heads, scale):
+    B, N, C = q.shape
+    return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("segformer_fast::sra_attention_bwd", mutates_args=())
+def _sra_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_heads: int,
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.triton.sra_attention import sra_attention_bwd
+    return sra_attention_bwd(_triton_ready(do), _triton_ready(q), _triton_ready(k), _triton_ready(v),
+                             lse, num_heads, scale)
+
+
+@_sra_bwd.register_fake
+def _(do, q, k, v, lse, num_heads, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, num_heads, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, lse)    # the fp32 row LSE replaces P; O is not needed
+    ctx.mark_non_differentiable(lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = _sra_bwd(do, q, k, v, lse, ctx.num_heads, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_sra_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- torch: stock SDPA
+def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
+    B, N, C = q.shape
+    M = k.shape[1]
+    d = C // num_heads
+    # (B, tokens, H, d) -> (B, H, tokens, d) are strided views (no copy; kv halves stay views)
+    qh = q.unflatten(2, (num_heads, d)).transpose(1, 2)
+    kh = k.unflatten(2, (num_heads, d)).transpose(1, 2)
+    vh = v.unflatten(2, (num_heads, d)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    # SDPA's CPU/CUDA flash kernels allocate the output as (B, N, H, d): this reshape is a view
+    return out.transpose(1, 2).reshape(B, N, C)
+
+
+def sra_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float | None = None, *,
+                  backend: str | None = None) -> Tensor:
+    """Multi-head attention of N queries over M (spatially reduced) keys, never forming N x M.
+
+    q: (B, N, C); k, v: (B, M, C) (k and v may be column halves of one (B, M, 2C) tensor: any
+    row stride works, only the channel dim must be contiguous). Head h owns channels
+    h*d ... (h+1)*d, d = C // num_heads <= 128; ``scale`` defaults to d**-0.5. Softmax
+    statistics and accumulations are fp32 for every input dtype; fp32 inputs use IEEE dot
+    products. ``backend`` pins one implementation (default: the process-wide choice).
+    Returns (B, N, C) in q's dtype.
+    """
+    _check(q, k, v, num_heads, scale)
+    d = q.shape[2] // num_heads
+    scale = float(d ** -0.5 if scale is None else scale)
+    name = resolve(q.device, backend, native_ops=("triton",))
+    if name == "triton":
+        return _sra_fwd(q, k, v, num_heads, scale)[0]
+    if name == "torch":
+        return _torch_sdpa(q, k, v, num_heads, scale)
+    return reference.sra_attention(q, k, v, num_heads, scale)
