@@ -1,0 +1,345 @@
+"""Triton kernels for the folded SegFormer decoder's epilogue: ``upsample_sum``.
+
+Forward: every output pixel of the stage-1 grid (H/4) gathers the 2x2 bilinear stencil of each
+low-resolution folded map, sums them with the stage-1 map, adds the folded bias, applies the
+eval-mode BatchNorm affine and ReLU and writes the feature once. No concat, no upsampled
+intermediates: HBM traffic is one write of the output plus (cache-friendly) reads of the small
+maps, instead of 3 upsampled D-channel maps written and read again, a 4D-channel concat and the
+4D->D 1x1 conv at full resolution.
+
+Backward:
+- ``_epilogue_bwd_kernel`` (only when scale/shift/ReLU are given): recomputes the pre-activation
+  sum from the maps (cheaper than saving a full-resolution tensor), applies the ReLU mask and the
+  scale, writes dz in fp32 and per-tile partial sums for dbias/dscale/dshift (reduced by the
+  launcher in a fixed order: deterministic, no atomics).
+- ``_upsample_adjoint_kernel``: the adjoint of bilinear upsampling as a *gather* per low-resolution
+  index, separably (along W, then along H: bilinear weights are a product): each low-res index
+  visits the window of output indices whose stencil can touch it and accumulates weight * dz, the
+  weight recomputed by exactly the forward's index math (outside the true stencil it is 0 and the
+  load is masked off). Deterministic, no atomics, each element written once.
+
+All tensors are tokens (B, H*W, D) with channels contiguous, the layout SegFormer already has, so
+every load/store is a vector along D (coalesced, 16-byte vectorised).
+
+Index math (F.interpolate, bilinear, align_corners=False): ``scale = in / out`` in fp32,
+``src = max((dst + 0.5) * scale - 0.5, 0)``, ``i0 = min(floor(src), in - 1)``,
+``i1 = i0 + (i0 < in - 1)``, ``lambda = clamp(src - i0, 0, 1)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+MAX_MAPS = 4
+
+
+def launch_config(D: int) -> dict:
+    """The one place launch configurations are chosen (tests AOT-compile exactly this).
+
+    BLOCK_D: up to 128 channels per program (a warp reads 32 x 4 contiguous fp32 = 512 B rows);
+    BLOCK_P: 32 output pixels, so a program holds 32x128 fp32 accumulators = 32 per thread at
+    4 warps, leaving registers for the 4 corner loads of each map. The same rule runs under the
+    interpreter (one configuration, no autotuning).
+    """
+    block_d = min(128, triton.next_power_of_2(max(int(D), 16)))
+    return {"BLOCK_P": 32, "BLOCK_D": block_d, "num_warps": 4}
+
+
+def adjoint_config(inner: int) -> dict:
+    """Adjoint gather: 32 low-res indices x up to 128 contiguous elements (channels, or a whole
+    low-res row w*D for the H pass) per program, 4 warps: 32 fp32 accumulators per thread."""
+    block_i = min(128, triton.next_power_of_2(max(int(inner), 16)))
+    return {"BLOCK_Q": 32, "BLOCK_I": block_i, "num_warps": 4}
+
+
+def fp32_ratio(n_in: int, n_out: int) -> float:
+    """``n_in / n_out`` rounded to fp32 exactly as PyTorch computes the bilinear scale."""
+    return float(np.float32(n_in) / np.float32(n_out))
+
+
+# ----------------------------------------------------------------------------------------------
+# shared device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _src_index(dst, scale, n_in):
+    """PyTorch's align_corners=False source index: (i0, i1, lambda1) for integer dst."""
+    src = (dst.to(tl.float32) + 0.5) * scale - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), n_in - 1)          # src >= 0: truncation is floor
+    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    i1 = i0 + (i0 < n_in - 1).to(tl.int32)
+    return i0, i1, lam
+
+
+@triton.jit
+def _accumulate_map(acc, m_ptr, pid_b, oh, ow, offs_d, pmask, dmask, h, w, sh, sw, D,
+                    UP: tl.constexpr):
+    """acc += bilinear sample of one (B, h*w, D) map at output pixels (oh, ow) (or the map
+    itself when UP is False, i.e. it already has the output size)."""
+    base = m_ptr + pid_b.to(tl.int64) * h * w * D
+    mask = pmask[:, None] & dmask[None, :]
+    if UP:
+        y0, y1, ly = _src_index(oh, sh, h)
+        x0, x1, lx = _src_index(ow, sw, w)
+        d = offs_d[None, :]
+        v00 = tl.load(base + ((y0 * w + x0) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(base + ((y0 * w + x1) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(base + ((y1 * w + x0) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(base + ((y1 * w + x1) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
+        lx = lx[:, None]
+        ly = ly[:, None]
+        # same association as PyTorch: h0l*(w0l*v00 + w1l*v01) + h1l*(w0l*v10 + w1l*v11)
+        top = (1.0 - lx) * v00 + lx * v01
+        bot = (1.0 - lx) * v10 + lx * v11
+        acc += (1.0 - ly) * top + ly * bot
+    else:
+        pix = oh * w + ow
+        acc += tl.load(base + (pix * D)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _gather_sum(m0, m1, m2, m3, pid_b, oh, ow, offs_d, pmask, dmask, D,
+                h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
+                UP3: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    acc = _accumulate_map(acc, m0, pid_b, oh, ow, offs_d, pmask, dmask, h0, w0, sh0, sw0, D, UP0)
+    if NUM_MAPS > 1:
+        acc = _accumulate_map(acc, m1, pid_b, oh, ow, offs_d, pmask, dmask, h1, w1, sh1, sw1, D, UP1)
+    if NUM_MAPS > 2:
+        acc = _accumulate_map(acc, m2, pid_b, oh, ow, offs_d, pmask, dmask, h2, w2, sh2, sw2, D, UP2)
+    if NUM_MAPS > 3:
+        acc = _accumulate_map(acc, m3, pid_b, oh, ow, offs_d, pmask, dmask, h3, w3, sh3, sw3, D, UP3)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _upsample_sum_fwd_kernel(
+        out_ptr, m0, m1, m2, m3, bias_ptr, scale_ptr, shift_ptr,
+        H, W, D,
+        h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+        NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
+        UP3: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    pmask = offs_p < H * W
+    dmask = offs_d < D
+    oh = offs_p // W
+    ow = offs_p % W
+    acc = _gather_sum(m0, m1, m2, m3, pid_b, oh, ow, offs_d, pmask, dmask, D,
+                      h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                      NUM_MAPS, UP0, UP1, UP2, UP3, BLOCK_P, BLOCK_D)
+    # epilogue in fp32, in the reference's order: + bias, * scale, + shift, ReLU
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out = out_ptr + pid_b.to(tl.int64) * H * W * D + (offs_p * D)[:, None] + offs_d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _epilogue_bwd_kernel(
+        dz_ptr, part_ptr, g_ptr, m0, m1, m2, m3, bias_ptr, scale_ptr, shift_ptr,
+        H, W, D, n_pblocks,
+        h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+        NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
+        UP3: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dz = d out / d(sum of maps); partials [3, B * n_pblocks, D] of dbias, dscale, dshift."""
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    pmask = offs_p < H * W
+    dmask = offs_d < D
+    mask = pmask[:, None] & dmask[None, :]
+    tile = pid_b.to(tl.int64) * H * W * D + (offs_p * D)[:, None] + offs_d[None, :]
+    g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    z = _gather_sum(m0, m1, m2, m3, pid_b, offs_p // W, offs_p % W, offs_d, pmask, dmask, D,
+                    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                    NUM_MAPS, UP0, UP1, UP2, UP3, BLOCK_P, BLOCK_D)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        u = z * s
+    else:
+        u = z
+    if HAS_SHIFT:
+        u += tl.load(shift_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        g = tl.where(u > 0.0, g, 0.0)       # threshold_backward: gradient only where out > 0
+    if HAS_SCALE:
+        dz = g * s
+    else:
+        dz = g
+    tl.store(dz_ptr + tile, dz, mask=mask)
+    row = (pid_b * n_pblocks + pid_p).to(tl.int64) * D + offs_d
+    plane = n_pblocks * tl.num_programs(2) * D
+    tl.store(part_ptr + row, tl.sum(dz, axis=0), mask=dmask)              # dbias
+    tl.store(part_ptr + plane + row, tl.sum(g * z, axis=0), mask=dmask)   # dscale
+    tl.store(part_ptr + 2 * plane + row, tl.sum(g, axis=0), mask=dmask)   # dshift
+
+
+@triton.jit
+def _axis_weight(o, i, scale, n_in, n_out):
+    """Weight with which output index o reads input index i along one axis (0 if it does not)."""
+    i0, i1, lam = _src_index(o, scale, n_in)
+    wgt = tl.where(i0 == i, 1.0 - lam, 0.0) + tl.where(i1 == i, lam, 0.0)
+    return tl.where((o >= 0) & (o < n_out), wgt, 0.0)
+
+
+@triton.jit
+def _upsample_adjoint_kernel(
+        dx_ptr, dz_ptr, OUTER, L_out, L_in, INNER, scale, inv_scale, K,
+        BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Adjoint of 1-D linear upsampling L_in -> L_out along the middle axis of a contiguous
+    (B, OUTER, L, INNER) tensor: dx[b, o, i, :] = sum_l weight(l, i) * dz[b, o, l, :].
+
+    Each low-res index i gathers from the K output indices whose stencil can reach it (start from
+    the inverted index map with one index of slack; the exact weight recomputed with the forward's
+    index math is 0 outside the stencil and those loads are masked off)."""
+    pid_q = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    qmask = offs_q < OUTER * L_in
+    imask = offs_i < INNER
+    o = offs_q // L_in
+    i = offs_q % L_in
+    # first output index that can read i: src(l) >= i - 1  <=>  l >= (i - 0.5) * out/in - 0.5
+    lo = tl.maximum(((i.to(tl.float32) - 0.5) * inv_scale - 0.5).to(tl.int32) - 1, 0)
+    rows = dz_ptr + pid_b.to(tl.int64) * OUTER * L_out * INNER + (o * L_out).to(tl.int64) * INNER
+    acc = tl.zeros((BLOCK_Q, BLOCK_I), dtype=tl.float32)
+    for k in range(0, K):
+        l = lo + k
+        wgt = _axis_weight(l, i, scale, L_in, L_out)
+        live = qmask & (wgt != 0.0)                    # outside the stencil: not even loaded
+        v = tl.load(rows[:, None] + (l * INNER)[:, None] + offs_i[None, :],
+                    mask=live[:, None] & imask[None, :], other=0.0).to(tl.float32)
+        acc += wgt[:, None] * v
+    out = (dx_ptr + pid_b.to(tl.int64) * OUTER * L_in * INNER
+           + (offs_q.to(tl.int64) * INNER)[:, None] + offs_i[None, :])
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=qmask[:, None] & imask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (no checks: ops/upsample_sum.py validated the inputs)
+# ----------------------------------------------------------------------------------------------
+def _map_args(maps, hws, size):
+    H, W = size
+    args, ups = [], []
+    for k in range(MAX_MAPS):
+        if k < len(maps):
+            h, w = hws[k]
+            args += [h, w, fp32_ratio(h, H), fp32_ratio(w, W)]
+            ups.append((h, w) != (H, W))
+        else:
+            args += [1, 1, 1.0, 1.0]
+            ups.append(False)
+    ptrs = list(maps) + [maps[0]] * (MAX_MAPS - len(maps))
+    return ptrs, args, ups
+
+
+def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=False):
+    """Launch the forward kernel; returns tokens (B, H*W, D) in the maps' dtype."""
+    B, _, D = maps[0].shape
+    H, W = size
+    out = torch.empty((B, H * W, D), device=maps[0].device, dtype=maps[0].dtype)
+    cfg = launch_config(D)
+    ptrs, args, ups = _map_args(maps, hws, size)
+    dummy = maps[0]
+    grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(D, cfg["BLOCK_D"]), B)
+    _upsample_sum_fwd_kernel[grid](
+        out, *ptrs, bias if bias is not None else dummy, scale if scale is not None else dummy,
+        shift if shift is not None else dummy, H, W, D, *args,
+        NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        RELU=bool(relu), BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return out
+
+
+def epilogue_bwd(grad, maps, hws, size, bias, scale, shift, relu):
+    """Launch the epilogue backward: returns (dz fp32 (B, H*W, D), dbias, dscale, dshift) with the
+    parameter gradients as fp32 (D,) vectors (reduced here, in a fixed order)."""
+    B, _, D = maps[0].shape
+    H, W = size
+    cfg = launch_config(D)
+    n_pb = triton.cdiv(H * W, cfg["BLOCK_P"])
+    dz = torch.empty((B, H * W, D), device=grad.device, dtype=torch.float32)
+    part = torch.empty((3, B * n_pb, D), device=grad.device, dtype=torch.float32)
+    ptrs, args, ups = _map_args(maps, hws, size)
+    dummy = maps[0]
+    grid = (n_pb, triton.cdiv(D, cfg["BLOCK_D"]), B)
+    _epilogue_bwd_kernel[grid](
+        dz, part, grad.contiguous(), *ptrs, bias if bias is not None else dummy,
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        H, W, D, n_pb, *args,
+        NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        RELU=bool(relu), BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    # three separate reductions: the results must not alias one another (custom-op outputs)
+    return dz, part[0].sum(dim=0), part[1].sum(dim=0), part[2].sum(dim=0)
+
+
+def window(n_in: int, n_out: int) -> int:
+    """Loop length of the adjoint's gather along one axis: the widest range of output indices
+    between the kernel's start (floor, one index of slack) and the true stencil's end (plus one),
+    plus one more for fp32-vs-fp64 rounding of the start."""
+    inv = n_out / n_in
+    widest = 0
+    for i in range(n_in):
+        lo = max(math.floor((i - 0.5) * inv - 0.5) - 1, 0)
+        hi = min(n_out, math.floor((i + 1.5) * inv - 0.5) + 2)
+        widest = max(widest, hi - lo)
+    return widest + 1
+
+
+def _adjoint_1d(dz, B, outer, l_out, l_in, inner, dtype):
+    cfg = adjoint_config(inner)
+    dx = torch.empty((B, outer * l_in * inner), device=dz.device, dtype=dtype)
+    grid = (triton.cdiv(outer * l_in, cfg["BLOCK_Q"]), triton.cdiv(inner, cfg["BLOCK_I"]), B)
+    _upsample_adjoint_kernel[grid](
+        dx, dz, outer, l_out, l_in, inner, fp32_ratio(l_in, l_out), l_out / l_in,
+        window(l_in, l_out), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_I=cfg["BLOCK_I"],
+        num_warps=cfg["num_warps"])
+    return dx
+
+
+def upsample_adjoint(dz, hw, size, dtype):
+    """Gradient of a (h, w) map upsampled to ``size`` from dz (B, H*W, D): separable, first along
+    W (dz -> fp32 (B, H, w, D)), then along H (-> (B, h, w, D) in ``dtype``): K_W + K_H gather
+    steps per element instead of K_W * K_H for a 2-D window."""
+    B, _, D = dz.shape
+    H, W = size
+    h, w = hw
+    t = dz
+    if w != W:
+        t = _adjoint_1d(t, B, H, W, w, D, torch.float32 if h != H else dtype)
+    if h != H:
+        t = _adjoint_1d(t, B, 1, H, h, w * D, dtype)
+    return t.view(B, h * w, D).to(dtype)
