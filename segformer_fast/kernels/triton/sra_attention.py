@@ -17,7 +17,7 @@ Kernels (one program per (query tile | key tile, batch*head)):
   ``SPLITS`` chunks that write fp32 partial sums reduced afterwards (deterministic, no atomics;
   the partial buffer is SPLITS*M*C floats, tiny because M is small).
 
-Launch configurations are chosen in ``fwd_config`` / ``bwd_config`` only, so the AOT test
+Launch configurations are chosen in ``kernel_config`` only, so the AOT test
 compiles exactly what runs. Under TRITON_INTERPRET=1 the same configuration is used (no
 autotuning); only bf16 math is upcast to fp32 there (``UPCAST``) because the interpreter gets
 bf16 arithmetic and bf16 ``tl.dot`` wrong, while the GPU keeps bf16 tensor cores.
@@ -254,27 +254,38 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))    # tl.dot needs K >= 16
 
 
-def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles for the forward and dQ kernels. BLOCK_M (keys) is capped at 64 so M > 64 really
-    iterates the online softmax; at M <= 64 one tile covers all keys (single pass)."""
-    bd = block_d(head_dim)
-    if dtype == torch.float32:
-        # fp32 IEEE dots run on CUDA cores: smaller query tiles keep S and acc in registers
-        return dict(BLOCK_N=64, BLOCK_M=32 if bd >= 128 else 64, num_warps=4, num_stages=2)
-    if bd >= 128:
-        return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=128, BLOCK_M=64, num_warps=8 if bd >= 64 else 4, num_stages=3)
+def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles, warps and stages of ``kernel`` ("fwd", "dq", "dkdv") for a head dim and dtype.
 
-
-def bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles for the backward kernels (dQ and dK/dV): 64 x 64 keeps four fp32 64x64 tiles
-    (S, dP, dK, dV) within the register file; fp32 d >= 128 halves the query tile."""
+    BLOCK_N tiles queries, BLOCK_M keys. BLOCK_M <= 64 so M > 64 really iterates the online
+    softmax; at M <= BLOCK_M one tile covers all keys (a single pass). fp16/bf16 dots run on
+    tensor cores; fp32 IEEE dots run on CUDA cores with a larger register footprint, so fp32
+    uses 32-key tiles and 8 warps. Every entry was compiled for sm_80 and sm_90 with 0 spills
+    and <= 100 KB shared memory (tests/test_sra_attention.py::test_aot_*)."""
     bd = block_d(head_dim)
-    if dtype == torch.float32 and bd >= 128:
-        return dict(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=1)
-    if bd >= 128:
-        return dict(BLOCK_N=32, BLOCK_M=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        if fp32:
+            cfg = (64, 32, 8, 2)
+        elif bd <= 32:
+            cfg = (128, 64, 4, 3)
+        elif bd <= 64:
+            cfg = (128, 64, 8, 3)
+        else:
+            cfg = (64, 64, 4, 2)
+    elif kernel == "dq":
+        if fp32:
+            cfg = (64, 32, 8, 2) if bd <= 64 else (64, 32, 8, 1)
+        else:
+            cfg = (64, 64, 4, 2)
+    elif kernel == "dkdv":
+        if fp32:
+            cfg = (64, 32, 8, 2) if bd <= 64 else (64, 32, 8, 1)
+        else:
+            cfg = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 1)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return dict(zip(("BLOCK_N", "BLOCK_M", "num_warps", "num_stages"), cfg))
 
 
 def dkdv_splits(N: int, M: int, BH: int, block_n: int, block_m: int, target_programs: int = 264) -> int:
@@ -306,7 +317,7 @@ def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
     B, N, C = q.shape
     M = k.shape[1]
     d = C // num_heads
-    cfg = fwd_config(d, q.dtype)
+    cfg = kernel_config("fwd", d, q.dtype)
     o = torch.empty((B, N, C), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * num_heads, N), device=q.device, dtype=torch.float32)
     qk_scale, _ = _scales(scale)
@@ -316,8 +327,7 @@ def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1),
         N, M, num_heads, qk_scale,
-        HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_flags(q.dtype))
+        HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **_flags(q.dtype))
     return o, lse
 
 
@@ -328,21 +338,21 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     M = k.shape[1]
     d = C // num_heads
     BH = B * num_heads
-    cfg = bwd_config(d, q.dtype)
     flags = _flags(q.dtype)
     qk_scale, sm_scale = _scales(scale)
-    bn, bm = cfg["BLOCK_N"], cfg["BLOCK_M"]
-    common = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_N=bn, BLOCK_M=bm,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
 
+    cfg = kernel_config("dq", d, q.dtype)
     dq = torch.empty((B, N, C), device=q.device, dtype=q.dtype)
     delta = torch.empty((BH, N), device=q.device, dtype=torch.float32)
-    _sra_bwd_dq_kernel[(triton.cdiv(N, bn), BH)](
+    _sra_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), BH)](
         q, k, v, do, dq, lse, delta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        N, M, num_heads, qk_scale, sm_scale, **common)
+        N, M, num_heads, qk_scale, sm_scale,
+        HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **flags)
 
+    cfg = kernel_config("dkdv", d, q.dtype)
+    bn, bm = cfg["BLOCK_N"], cfg["BLOCK_M"]
     splits = dkdv_splits(N, M, BH, bn, bm)
     tiles_per_split = triton.cdiv(triton.cdiv(N, bn), splits)
     splits = triton.cdiv(triton.cdiv(N, bn), tiles_per_split)   # drop empty trailing splits
@@ -356,7 +366,8 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         q, k, v, do, dk, dv, lse, delta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), B * M * C, dk.stride(-3), dk.stride(-2),
-        N, M, num_heads, qk_scale, sm_scale, tiles_per_split, **common)
+        N, M, num_heads, qk_scale, sm_scale, tiles_per_split,
+        HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **flags)
     if splits > 1:
         dk = dk.sum(0).to(q.dtype)
         dv = dv.sum(0).to(q.dtype)
