@@ -288,8 +288,8 @@ def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(zip(("BLOCK_N", "BLOCK_M", "num_warps", "num_stages"), cfg))
 
 
-def dkdv_splits(N: int, M: int, BH: int, block_n: int, block_m: int, target_programs: int = 264) -> int:
-    """Split the query loop of dK/dV so that there are ~2 programs per H100 SM (132 SMs), but
+def dkdv_splits(N: int, M: int, BH: int, block_n: int, block_m: int, target_programs: int = 132) -> int:
+    """Split the query loop of dK/dV so that there is ~1 long-running program per H100 SM (132), but
     never fewer than 2 query tiles per split (the partial sums cost SPLITS*M*C fp32 writes)."""
     n_tiles = triton.cdiv(N, block_n)
     programs = triton.cdiv(M, block_m) * BH
