@@ -159,9 +159,13 @@ def interpreting() -> bool:
 def launch_config(cout: int, k: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
     """Tiles for Cout output channels and a reduction of K = Cin*kh*kw, in ``dtype``.
 
-    GPU: the fp32 accumulator is BLOCK_M x BLOCK_N; keep it at <= 64 registers per thread
-    (BLOCK_M * BLOCK_N <= 64 * 32 * num_warps) so the LayerNorm epilogue does not spill, and
-    choose BLOCK_K / stages so the pipelined A+B tiles stay under ~96 KB of shared memory.
+    GPU: the fp32 accumulator is BLOCK_M x BLOCK_N and lives in registers together with the
+    [BLOCK_M, BLOCK_K] implicit-GEMM address/mask tiles (64-bit pointers) and, in the backward,
+    the dy / xhat / dz tiles of the LayerNorm backward. Measured with ptxas (tests/test_conv_
+    layernorm.py AOT test): about 16 accumulator elements per thread keeps both kernels at
+    <= 180 registers without spills at every Cout of SegFormer; BLOCK_M never drops below 16
+    (the tensor-core minimum). BLOCK_K and stages keep the pipelined A+B tiles under 64 KB of
+    shared memory (Triton buffers num_stages - 1 of them).
     """
     block_n = max(16, triton.next_power_of_2(cout))
     if interpret is None:
@@ -170,17 +174,11 @@ def launch_config(cout: int, k: int, dtype: torch.dtype, interpret: bool | None 
         # one config; few, fat programs keep the interpreter (about 0.6 ms per program) fast
         return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=1)
     num_warps = 8 if block_n >= 256 else 4
-    block_m = max(16, min(128, (64 * 32 * num_warps) // block_n))
+    block_m = max(16, min(64, (16 * 32 * num_warps) // block_n))
+    block_k = 16 if (block_n >= 256 or k <= 16) else 32
     esize = torch.empty((), dtype=dtype).element_size()
-    block_k = 16 if k <= 16 else 32
-    if esize == 2 and block_n <= 128 and k >= 64:
-        block_k = 64
     stage_bytes = (block_m + block_n) * block_k * esize
-    num_stages = max(1, min(4, (96 * 1024) // stage_bytes))
-    if stage_bytes * num_stages > 96 * 1024 or num_stages < 2:
-        block_k = 16
-        stage_bytes = (block_m + block_n) * block_k * esize
-        num_stages = max(1, min(4, (96 * 1024) // stage_bytes))
+    num_stages = max(2, min(3, 1 + (64 * 1024) // stage_bytes))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
                 num_stages=num_stages)
 
@@ -258,3 +256,75 @@ def conv_layernorm_bwd_dz(dy, x, weight, bias, gamma, stride, padding, eps):
             UPCAST=upcast, INPUT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dgamma, dbeta, dbias = part.sum(0).unbind(0)
     return dz, dgamma, dbeta, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile description (analysis.aot.compile_report): the argument types and the
+# 16-divisibility Triton sees at run time at SegFormer's shapes, per kernel and input layout.
+
+_INT_ARGS = ("Cin", "H", "W", "Ho", "Wo", "Cout", "K", "KW", "stride_h", "stride_w", "pad_h", "pad_w",
+             "sxb", "sxc", "sxh", "sxw")
+
+
+def aot_spec(kernel: str, dtype: torch.dtype, cout: int, k: int, *, tokens: bool,
+             divisible: tuple[str, ...] = ()) -> dict:
+    """kwargs for ``compile_report`` reproducing a real launch of ``kernel`` ("fwd" or "bwd").
+
+    tokens: x is the channels-last view of (B, N, Cin) tokens (sxc == 1, which Triton specialises
+    to a constant exactly as at run time) or an NCHW image (sxw == 1). ``divisible``: the integer
+    arguments that are multiples of 16 at the real shape (pointers always are: torch allocations).
+    """
+    cfg = launch_config(cout, k, dtype, interpret=False)
+    upcast, prec = _precision(dtype, interpret=False)
+    ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    if kernel == "fwd":
+        fn = _conv_ln_fwd_kernel
+        ptrs = ("x_ptr", "w_ptr", "bias_ptr", "gamma_ptr", "beta_ptr", "out_ptr")
+        flags = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True)
+    else:
+        fn = _conv_ln_bwd_kernel
+        ptrs = ("x_ptr", "w_ptr", "bias_ptr", "gamma_ptr", "dy_ptr", "dz_ptr", "part_ptr")
+        flags = dict(HAS_BIAS=True, HAS_GAMMA=True)
+    one = "sxc" if tokens else "sxw"
+    sig = {p: ("*fp32" if p == "part_ptr" else ty) for p in ptrs}
+    sig.update({a: ("constexpr" if a == one else "i32") for a in _INT_ARGS})
+    sig["eps"] = "fp32"
+    constexprs = {one: 1, **flags, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                  "BLOCK_K": cfg["BLOCK_K"], "UPCAST": upcast, "INPUT_PRECISION": prec}
+    sig.update({name: "constexpr" for name in constexprs if name != one})
+    return dict(fn=fn, signature=sig, constexprs=constexprs,
+                divisible_by_16=tuple(ptrs) + tuple(d for d in divisible if d != one),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def aot_reports(jobs: list[dict]) -> list[dict]:
+    """Compile each job (kwargs of ``aot_spec`` + "arch") with ``analysis.aot.compile_report``.
+
+    Must run in a process where TRITON_INTERPRET is off: under the interpreter @triton.jit (ours
+    and triton.language's own helpers) yields functions that cannot be lowered. Tests call
+    ``python -m segformer_fast.kernels.triton.conv_layernorm`` with the jobs as JSON on stdin.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ...analysis.aot import compile_report
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+    def one(job):
+        job = dict(job)
+        arch = job.pop("arch")
+        job["dtype"] = names[job["dtype"]]
+        job["divisible"] = tuple(job.get("divisible", ()))
+        spec = aot_spec(**job)
+        r = compile_report(spec.pop("fn"), spec.pop("signature"), spec.pop("constexprs"), arch, **spec)
+        return dict(kernel=r.kernel, arch=r.arch, num_warps=r.num_warps, num_stages=r.num_stages,
+                    registers=r.registers, spills=r.spills, shared_bytes=r.shared_bytes,
+                    constexprs={k: v for k, v in r.constexprs.items() if k.startswith("BLOCK")})
+
+    with ThreadPoolExecutor(2) as ex:     # ptxas is a subprocess: two compiles overlap
+        return list(ex.map(one, jobs))
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    print(json.dumps(aot_reports(json.load(sys.stdin))))
