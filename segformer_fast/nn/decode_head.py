@@ -1,0 +1,295 @@
+"""``FusedDecodeHead``: SegFormer's All-MLP head with ``linear_fuse`` reassociated.
+
+The head computes ``fuse(concat_i(up(L_i x_i + b_i)))`` with the concat in reversed order
+[c4, c3, c2, c1]. Bilinear upsampling is linear per channel, so it commutes with every per-pixel
+linear map, and
+
+    fuse(concat_i(up(L_i x_i + b_i))) = sum_i up((F_i L_i) x_i) + sum_i F_i b_i
+
+with F_i the column block of ``linear_fuse`` that meets stage i. The D x C_i product is applied at
+each stage's own resolution, so the 4D -> D 1x1 conv at H/4 (more than half of all FLOPs of B0/B2)
+disappears; what remains at H/4 is one fused gather (``ops.upsample_sum``) that also applies the
+folded bias, eval BatchNorm and ReLU. Exact in real arithmetic, in training and inference:
+
+- eval / no grad: the folded weights and BN affine are cached, keyed on the identity and
+  ``_version`` of every parameter and buffer they come from (an optimizer step or
+  ``load_state_dict`` bumps the version and invalidates the cache); they are never parameters.
+- training with grad: the product is recomputed each forward inside autograd, so gradients reach
+  the original ``linear_c``/``linear_fuse`` weights; per stage, the cheaper association is used
+  (fold the weights when C_i < B*H_i*W_i, else project then apply F_i at low resolution).
+  BatchNorm runs as the original module on the pre-BN sum (batch statistics, running buffers,
+  momentum, ``num_batches_tracked`` updated exactly as the original); dropout placement unchanged.
+
+Source layouts are rows of ``LAYOUTS``: attribute paths of the projections, the fuse conv, BN,
+activation, dropout and classifier. The replaced module's children are re-registered under the
+same names, so Parameters are shared and ``state_dict()`` keys are identical.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.upsample_sum import upsample_sum
+
+__all__ = ["FusedDecodeHead", "LAYOUTS"]
+
+
+def _get(m: nn.Module, path: str):
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def _hf_prepare(head: nn.Module, states: Sequence[Tensor]) -> list[Tensor]:
+    # HF's ``reshape_last_stage=False`` branch, reproduced as HF writes it (it takes the side of
+    # the square from the *last* dimension) so the outputs stay identical to the replaced module.
+    config = getattr(head, "config", None)
+    if config is None or getattr(config, "reshape_last_stage", True) is not False:
+        return list(states)
+    batch = states[-1].shape[0]
+    out = []
+    for s in states:
+        if s.ndim == 3:
+            side = int(math.sqrt(s.shape[-1]))
+            s = s.reshape(batch, side, side, -1).permute(0, 3, 1, 2).contiguous()
+        out.append(s)
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a codebase keeps the head's pieces (attribute paths; ``{i}`` is the stage index)."""
+
+    name: str
+    detect: Callable[[nn.Module], bool]
+    proj: str               # per-stage nn.Linear, formatted with i
+    first_stage: int        # index of stage 1 in ``proj`` (1 for linear_c1, 0 for ModuleLists)
+    fuse: str
+    bn: str
+    act: str
+    dropout: str
+    classifier: str
+    prepare: Callable[[nn.Module, Sequence[Tensor]], list[Tensor]] | None = None
+
+
+LAYOUTS = (
+    Layout("nvlabs", lambda m: hasattr(m, "linear_c1") and hasattr(_get(m, "linear_fuse"), "conv"),
+           "linear_c{i}.proj", 1, "linear_fuse.conv", "linear_fuse.bn", "linear_fuse.activate",
+           "dropout", "linear_pred"),
+    Layout("hf>=5.9", lambda m: hasattr(m, "linear_projections"),
+           "linear_projections.{i}.proj", 0, "linear_fuse", "batch_norm", "activation", "dropout",
+           "classifier", _hf_prepare),
+    Layout("hf<=5.8", lambda m: isinstance(getattr(m, "linear_c", None), nn.ModuleList),
+           "linear_c.{i}.proj", 0, "linear_fuse", "batch_norm", "activation", "dropout",
+           "classifier", _hf_prepare),
+)
+
+
+def _detect(m: nn.Module) -> Layout:
+    for layout in LAYOUTS:
+        try:
+            if layout.detect(m):
+                return layout
+        except (AttributeError, IndexError, TypeError):
+            continue
+    raise TypeError(f"FusedDecodeHead.from_module: {type(m).__name__} is not a SegFormer All-MLP head "
+                    f"of a known layout ({', '.join(l.name for l in LAYOUTS)})")
+
+
+def _dropout(drop: nn.Module, x: Tensor) -> Tensor:
+    """The head's dropout on a channels-last x, drawing the same random numbers as the original.
+
+    Element-wise ``nn.Dropout`` (HF) fills its mask in memory order, so on our channels-last
+    tensor it would draw a different (equally distributed) mask than the original head on its
+    NCHW-contiguous tensor. Drawing the mask in NCHW order exactly as ``F.dropout`` does keeps
+    training runs reproducible against the original at no extra pass. ``Dropout2d`` (NVlabs/ours)
+    draws a (B, C, 1, 1) mask: layout-independent, the module runs as is.
+    """
+    if type(drop) is nn.Dropout and drop.training and 0.0 < drop.p < 1.0:
+        noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - drop.p)
+        return x * noise.div_(1.0 - drop.p)
+    return drop(x)
+
+
+class FusedDecodeHead(nn.Module):
+    """Drop-in SegFormer All-MLP head (NVlabs/seed/ours, HF <= 5.8, HF >= 5.9) with
+    ``linear_fuse`` folded into the per-stage projections and the H/4 epilogue fused.
+
+    Build it with ``FusedDecodeHead.from_module(head, backend=None)``; ``forward`` takes the same
+    arguments as the replaced head (the list of 4 stage features, NCHW) and returns its logits
+    (B, num_classes, H/4, W/4) — channels-last in memory, which the 1x1 classifier prefers.
+    """
+
+    def __init__(self, head: nn.Module, layout: Layout, backend: str | None = None):
+        super().__init__()
+        # the replaced head's children under the same names: shared Parameters, same state_dict
+        for name, child in head.named_children():
+            self.add_module(name, child)
+        for name, p in head._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in head._buffers.items():
+            self.register_buffer(name, b, persistent=name not in head._non_persistent_buffers_set)
+        if hasattr(head, "config"):
+            self.config = head.config
+        self.layout = layout
+        self.backend = backend
+        self.training = head.training       # children keep their own modes (shared modules)
+        n = 0
+        while True:
+            try:
+                _get(self, layout.proj.format(i=layout.first_stage + n))
+            except (AttributeError, IndexError):
+                break
+            n += 1
+        self.num_stages = n
+        fuse = self._fuse_conv()
+        D = fuse.weight.shape[0]
+        if (fuse.weight.shape[1] != n * D or tuple(fuse.weight.shape[2:]) not in ((1, 1), ())
+                or getattr(fuse, "groups", 1) != 1):
+            raise TypeError(f"FusedDecodeHead: linear_fuse must be a 1x1 conv {n}*D -> D, got weight "
+                            f"{tuple(fuse.weight.shape)}")
+        for proj in self._projections():
+            if not isinstance(proj, nn.Linear) or proj.weight.shape[0] != D:
+                raise TypeError(f"FusedDecodeHead: stage projections must be nn.Linear(C_i, {D}), got "
+                                f"{proj}")
+        self._cache_key = None
+        self._cache = None
+
+    @classmethod
+    def from_module(cls, m: nn.Module, backend: str | None = None) -> "FusedDecodeHead":
+        """Wrap an All-MLP head (NVlabs/seed/ours ``SegFormerHead`` or HF ``SegformerDecodeHead``),
+        sharing its Parameters and buffers; ``backend`` pins the upsample-sum backend."""
+        if isinstance(m, FusedDecodeHead):
+            return m
+        return cls(m, _detect(m), backend)
+
+    # -------------------------------------------------------------------- pieces of the head
+    def _projections(self) -> list[nn.Linear]:
+        return [_get(self, self.layout.proj.format(i=self.layout.first_stage + k))
+                for k in range(self.num_stages)]
+
+    def _fuse_conv(self) -> nn.Module:
+        return _get(self, self.layout.fuse)
+
+    def _part(self, path: str):
+        try:
+            return _get(self, path)
+        except AttributeError:
+            return None
+
+    def _bn_eval_affine(self, bn) -> bool:
+        return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
+                and bn.running_mean is not None and bn.running_var is not None)
+
+    # -------------------------------------------------------------------- folding
+    def _sources(self) -> list[Tensor]:
+        ts = []
+        for p in self._projections():
+            ts += [p.weight, p.bias]
+        fuse = self._fuse_conv()
+        ts += [fuse.weight, fuse.bias]
+        bn = self._part(self.layout.bn)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return [t for t in ts if t is not None]
+
+    def _fold(self, tokens_per_stage: Sequence[int] | None, dtype) -> tuple[list, Tensor, Tensor | None,
+                                                                           Tensor | None]:
+        """Per stage ("w", D x C_i folded weight) or ("seq", W_i, F_i) for the low-res two-step
+        association; the folded bias; the eval BN (scale, shift) or None."""
+        fuse = self._fuse_conv()
+        D = fuse.weight.shape[0]
+        n = self.num_stages
+        fw = fuse.weight.reshape(D, n * D)
+        stages, bias = [], fuse.bias
+        for i, proj in enumerate(self._projections()):
+            blk = fw[:, (n - 1 - i) * D:(n - i) * D]           # concat order is [c_n, ..., c_1]
+            C = proj.weight.shape[1]
+            if tokens_per_stage is None or C < tokens_per_stage[i]:
+                stages.append(("w", (blk @ proj.weight).to(dtype)))
+            else:
+                stages.append(("seq", proj.weight.to(dtype), blk.to(dtype)))
+            if proj.bias is not None:
+                term = blk @ proj.bias
+                bias = term if bias is None else bias + term
+        if bias is None:
+            bias = fw.new_zeros(D)
+        scale = shift = None
+        bn = self._part(self.layout.bn)
+        if self._bn_eval_affine(bn):
+            inv = torch.rsqrt(bn.running_var.float() + bn.eps)
+            scale = inv if bn.weight is None else bn.weight.float() * inv
+            shift = -bn.running_mean.float() * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.float()
+        return stages, bias, scale, shift
+
+    def _folded(self, features: Sequence[Tensor]):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._sources())
+        if grad:
+            return self._fold([f.shape[0] * f.shape[2] * f.shape[3] for f in features], features[0].dtype)
+        key = (tuple((id(t), t._version) for t in self._sources()), features[0].dtype,
+               features[0].device, self._bn_eval_affine(self._part(self.layout.bn)))
+        if key != self._cache_key:
+            with torch.no_grad():
+                self._cache = self._fold(None, features[0].dtype)
+            self._cache_key = key
+        return self._cache
+
+    # -------------------------------------------------------------------- forward
+    def forward(self, features=None, **kwargs) -> Tensor:
+        if features is None:
+            features = kwargs.pop("encoder_hidden_states")
+        if self.layout.prepare is not None:
+            features = self.layout.prepare(self, features)
+        features = list(features)
+        if len(features) != self.num_stages:
+            raise ValueError(f"FusedDecodeHead: expected {self.num_stages} stage features, got "
+                             f"{len(features)}")
+        for i, f in enumerate(features):
+            if f.dim() != 4:
+                raise ValueError(f"FusedDecodeHead: feature {i} must be NCHW (B, C, H, W), got shape "
+                                 f"{tuple(f.shape)}")
+        B = features[-1].shape[0]
+        H, W = features[0].shape[-2:]
+        stages, bias, scale, shift = self._folded(features)
+        maps, hws = [], []
+        for f, st in zip(features, stages):
+            tokens = f.flatten(2).transpose(1, 2)               # (B, HW, C) view of NCHW
+            if st[0] == "w":
+                y = F.linear(tokens, st[1])
+            else:
+                y = F.linear(F.linear(tokens, st[1]), st[2])
+            maps.append(y)
+            hws.append((f.shape[2], f.shape[3]))
+        act = self._part(self.layout.act)
+        bn = self._part(self.layout.bn)
+        D = bias.shape[0]
+        dtype = maps[0].dtype
+        if scale is not None:
+            relu = isinstance(act, nn.ReLU)
+            x = upsample_sum(maps, hws, (H, W), bias=bias.to(dtype), scale=scale.to(dtype),
+                             shift=shift.to(dtype), relu=relu, backend=self.backend)
+            x = x.view(B, H, W, D).permute(0, 3, 1, 2)          # NCHW view, channels-last memory
+            if act is not None and not relu:
+                x = act(x)
+        else:
+            x = upsample_sum(maps, hws, (H, W), bias=bias.to(dtype), backend=self.backend)
+            x = x.view(B, H, W, D).permute(0, 3, 1, 2)
+            if bn is not None:
+                x = bn(x)       # the original module: batch statistics and running-buffer updates
+            if act is not None:
+                x = act(x)
+        drop = self._part(self.layout.dropout)
+        if drop is not None:
+            x = _dropout(drop, x)
+        return _get(self, self.layout.classifier)(x)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout.name}, stages={self.num_stages}, backend={self.backend}"
