@@ -41,12 +41,13 @@ def launch_config(D: int) -> dict:
     """The one place launch configurations are chosen (tests AOT-compile exactly this).
 
     BLOCK_D: up to 128 channels per program (a warp reads 32 x 4 contiguous fp32 = 512 B rows);
-    BLOCK_P: 32 output pixels, so a program holds 32x128 fp32 accumulators = 32 per thread at
-    4 warps, leaving registers for the 4 corner loads of each map. The same rule runs under the
-    interpreter (one configuration, no autotuning).
+    BLOCK_P: 32 output pixels. 8 warps: 16 fp32 accumulators per thread, and the compiler hoists
+    all 13 stencil loads (4 corners x 3 maps + the stage-1 map) for latency hiding, so 4 warps
+    (32 values per load per thread) ran out of registers on sm_90 (255 + spills). The same rule
+    runs under the interpreter (one configuration, no autotuning).
     """
     block_d = min(128, triton.next_power_of_2(max(int(D), 16)))
-    return {"BLOCK_P": 32, "BLOCK_D": block_d, "num_warps": 4}
+    return {"BLOCK_P": 32, "BLOCK_D": block_d, "num_warps": 8}
 
 
 def adjoint_config(inner: int) -> dict:
@@ -343,3 +344,72 @@ def upsample_adjoint(dz, hw, size, dtype):
     if h != H:
         t = _adjoint_1d(t, B, 1, H, h, w * D, dtype)
     return t.view(B, h * w, D).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time compile report (run as a module with TRITON_INTERPRET=0: tests/test_upsample_sum)
+# ----------------------------------------------------------------------------------------------
+def aot_cases(dtypes=("fp32", "fp16", "bf16")):
+    """Every (kernel, signature, constexprs, divisible_by_16, num_warps) that real launches use at
+    SegFormer's decoder widths D = 256 and 768: eval forward (bias + BN affine + ReLU), training
+    forward (bias only), epilogue backward, and the adjoint's W and H passes. The constexprs come
+    from the same ``launch_config`` / ``adjoint_config`` the launchers call."""
+    cases = []
+    maps_args = {}
+    for k in range(MAX_MAPS):
+        maps_args.update({f"h{k}": "i32", f"w{k}": "i32", f"sh{k}": "fp32", f"sw{k}": "fp32"})
+    for D in (256, 768):
+        cfg = launch_config(D)
+        for ty in dtypes:
+            ptr = f"*{ty}"
+            for mode, flags in (("eval", (True, True, True, True)), ("train", (True, False, False, False))):
+                sig = {"out_ptr": ptr, "m0": ptr, "m1": ptr, "m2": ptr, "m3": ptr, "bias_ptr": ptr,
+                       "scale_ptr": ptr, "shift_ptr": ptr, "H": "i32", "W": "i32", "D": "i32",
+                       **maps_args}
+                ce = dict(NUM_MAPS=4, UP0=False, UP1=True, UP2=True, UP3=True, HAS_BIAS=flags[0],
+                          HAS_SCALE=flags[1], HAS_SHIFT=flags[2], RELU=flags[3],
+                          BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
+                sig.update({k: "constexpr" for k in ce})
+                divs = ("out_ptr", "m0", "m1", "m2", "m3", "bias_ptr", "scale_ptr", "shift_ptr", "D")
+                cases.append((f"fwd/{mode}", D, ty, _upsample_sum_fwd_kernel, sig, ce, divs, cfg["num_warps"]))
+            sig = {"dz_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": ptr, "m0": ptr, "m1": ptr, "m2": ptr,
+                   "m3": ptr, "bias_ptr": ptr, "scale_ptr": ptr, "shift_ptr": ptr, "H": "i32", "W": "i32",
+                   "D": "i32", "n_pblocks": "i32", **maps_args}
+            ce = dict(NUM_MAPS=4, UP0=False, UP1=True, UP2=True, UP3=True, HAS_BIAS=True, HAS_SCALE=True,
+                      HAS_SHIFT=True, RELU=True, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
+            sig.update({k: "constexpr" for k in ce})
+            divs = ("dz_ptr", "part_ptr", "g_ptr", "m0", "m1", "m2", "m3", "bias_ptr", "scale_ptr",
+                    "shift_ptr", "D")
+            cases.append(("epilogue_bwd", D, ty, _epilogue_bwd_kernel, sig, ce, divs, cfg["num_warps"]))
+            # adjoint: W pass reads dz (fp32 from the epilogue backward, or the grad dtype) and
+            # writes fp32; H pass reads fp32 and writes the map dtype. INNER = D or w*D: 16-divisible.
+            for name, src, dst in (("adjoint/W", ty, "fp32"), ("adjoint/H", "fp32", ty)):
+                acfg = adjoint_config(D)
+                sig = {"dx_ptr": f"*{dst}", "dz_ptr": f"*{src}", "OUTER": "i32", "L_out": "i32",
+                       "L_in": "i32", "INNER": "i32", "scale": "fp32", "inv_scale": "fp32", "K": "i32",
+                       "BLOCK_Q": "constexpr", "BLOCK_I": "constexpr"}
+                ce = dict(BLOCK_Q=acfg["BLOCK_Q"], BLOCK_I=acfg["BLOCK_I"])
+                cases.append((name, D, ty, _upsample_adjoint_kernel, sig, ce, ("dx_ptr", "dz_ptr", "INNER"),
+                              acfg["num_warps"]))
+    return cases
+
+
+def aot_rows(archs=(80, 90)):
+    from ...analysis.aot import compile_report
+    rows, seen = [], {}
+    for name, D, ty, fn, sig, ce, divs, nw in aot_cases():
+        key = (name, ty, tuple(sorted(ce.items())))
+        for arch in archs:
+            if (key, arch) not in seen:     # D = 256 and 768 share a configuration
+                r = compile_report(fn, sig, ce, arch, divisible_by_16=divs, num_warps=nw)
+                seen[(key, arch)] = (r.registers, r.spills, r.shared_bytes)
+            regs, spills, smem = seen[(key, arch)]
+            cfg = ",".join(f"{k}={v}" for k, v in ce.items() if k.startswith("BLOCK"))
+            rows.append([name, D, ty, cfg, arch, nw, regs, spills, smem])
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(aot_rows()))

@@ -1,0 +1,189 @@
+"""ops.upsample_sum: the fused Triton kernel (interpreter on CPU) and the torch composition meet the
+numerics contract on odd stage sizes; bad inputs raise before any launch; every kernel
+configuration compiles for sm_80/sm_90 without spills; torch.compile traces the custom op."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segformer_fast import reference as R
+from segformer_fast.ops.upsample_sum import upsample_sum
+from segformer_fast.testing import check_op
+
+K = pytest.importorskip("segformer_fast.kernels.triton.upsample_sum")
+
+# stage-1 map 25x33 (a 97x131 image), the others from ceil-halving
+HWS = [(25, 33), (13, 17), (7, 9), (4, 5)]
+KERNELS = ("_upsample_sum_fwd_kernel", "_epilogue_bwd_kernel", "_upsample_adjoint_kernel")
+
+
+class _Counting:
+    """Stands in for a @triton.jit kernel and counts launches (kernel[grid](...))."""
+
+    def __init__(self, kernel, log, name):
+        self.kernel, self.log, self.name = kernel, log, name
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    log = []
+    for name in KERNELS:
+        monkeypatch.setattr(K, name, _Counting(getattr(K, name), log, name))
+    return log
+
+
+def _args(D, B=2, mag=1.0, seed=0, epilogue=True):
+    g = torch.Generator().manual_seed(seed)
+    maps = [(torch.randn(B, h * w, D, generator=g) * mag).requires_grad_() for h, w in HWS]
+    bias = (torch.randn(D, generator=g) * 0.5).requires_grad_()
+    if not epilogue:
+        return maps + [bias]
+    scale = (torch.rand(D, generator=g) + 0.5).requires_grad_()
+    shift = (torch.randn(D, generator=g) * 0.2).requires_grad_()
+    return maps + [bias, scale, shift]
+
+
+def _fns(backend, epilogue=True, n=4):
+    def fused(*a):
+        return upsample_sum(list(a[:n]), HWS[:n], HWS[0], *a[n:], relu=epilogue, backend=backend)
+
+    def ref(*a):
+        return R.upsample_sum(list(a[:n]), HWS[:n], HWS[0], *a[n:], relu=epilogue)
+    return fused, ref
+
+
+def test_index_math_matches_interpolate_at_odd_sizes():
+    # the fp32 scale PyTorch uses (in / out in float), not the double quotient
+    for n_in, n_out in ((13, 25), (17, 33), (7, 25), (9, 33), (4, 25), (5, 33)):
+        assert K.fp32_ratio(n_in, n_out) == torch.tensor(n_in, dtype=torch.float32).div(n_out).item()
+    # every window covers the true stencil: a one-hot map's upsampling is non-zero only there
+    for n_in, n_out in ((13, 25), (4, 33), (7, 9), (2, 128)):
+        inv = n_out / n_in
+        for i in range(n_in):
+            x = torch.zeros(1, 1, 1, n_in, dtype=torch.float64)
+            x[..., i] = 1
+            hit = torch.nonzero(torch.nn.functional.interpolate(
+                x, size=(1, n_out), mode="bilinear", align_corners=False)[0, 0, 0]).flatten()
+            lo = max(int((i - 0.5) * inv - 0.5) - 1, 0)
+            assert lo <= hit.min() and hit.max() < lo + K.window(n_in, n_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_forward_contract(launches, dtype):
+    # eval epilogue (bias, BN affine, ReLU), D = 40 (a partial 64-channel block), large magnitudes
+    fused, ref = _fns("triton")
+    for r in check_op(fused, ref, _args(40, mag=30.0), dtype, backward=False, name="triton"):
+        print(r)
+    assert launches == ["_upsample_sum_fwd_kernel"]
+
+
+def test_triton_backward_contract_eval_epilogue(launches):
+    fused, ref = _fns("triton")
+    for r in check_op(fused, ref, _args(24), torch.float32, name="triton"):
+        print(r)
+    assert launches.count("_upsample_sum_fwd_kernel") == 1
+    assert launches.count("_epilogue_bwd_kernel") == 1
+    # W and H passes for each of the 3 low-resolution maps
+    assert launches.count("_upsample_adjoint_kernel") == 6
+
+
+def test_triton_backward_contract_training_path(launches):
+    # training: bias only (BatchNorm runs outside on batch statistics); batch 1, 3 maps
+    fused, ref = _fns("triton", epilogue=False, n=3)
+    args = _args(24, B=1, epilogue=False)
+    args = args[:3] + args[4:]
+    for r in check_op(fused, ref, args, torch.float32, name="triton train"):
+        print(r)
+    assert "_epilogue_bwd_kernel" not in launches
+    assert launches.count("_upsample_adjoint_kernel") == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_backend_contract(dtype, launches):
+    fused, ref = _fns("torch")
+    for r in check_op(fused, ref, _args(40, mag=30.0), dtype, backward=dtype == torch.float32,
+                      name="torch"):
+        print(r)
+    fused, ref = _fns("torch", epilogue=False)
+    check_op(fused, ref, _args(24, epilogue=False), dtype, backward=dtype == torch.float32, name="torch")
+    assert launches == []
+
+
+def test_torch_backend_does_not_mutate_inputs():
+    maps = [torch.randn(1, h * w, 8) for h, w in HWS]
+    same = [m.clone() for m in maps[:1]]
+    b = torch.randn(8)
+    with torch.no_grad():
+        upsample_sum(maps[:1] + maps[:1], HWS[:1] * 2, HWS[0], bias=b, scale=b, shift=b, relu=True,
+                     backend="torch")
+    assert torch.equal(maps[0], same[0])
+
+
+def test_bad_inputs_raise_before_launch(launches):
+    D = 8
+    maps = [torch.randn(2, h * w, D) for h, w in HWS]
+    bad = [
+        (ValueError, "H\\*W", dict(maps=maps, hws=[HWS[0], (13, 16)] + HWS[2:], size=HWS[0])),
+        (ValueError, "one \\(H, W\\) per map", dict(maps=maps, hws=HWS[:3], size=HWS[0])),
+        (TypeError, "dtype", dict(maps=[maps[0].half()] + maps[1:], hws=HWS, size=HWS[0])),
+        (ValueError, "expected \\(B=", dict(maps=[maps[0][:1]] + maps[1:], hws=HWS, size=HWS[0])),
+        (ValueError, "rank|tokens", dict(maps=[maps[0][0]] + maps[1:], hws=HWS, size=HWS[0])),
+        (ValueError, "\\(D,\\)", dict(maps=maps, hws=HWS, size=HWS[0], bias=torch.zeros(D + 1))),
+        (ValueError, "size", dict(maps=maps, hws=HWS, size=(25,))),
+        (TypeError, "relu", dict(maps=maps, hws=HWS, size=HWS[0], relu=1)),
+        (ValueError, "at most 4", dict(maps=maps + maps[:1], hws=HWS + HWS[:1], size=HWS[0])),
+        (TypeError, "float16/bfloat16/float32", dict(maps=[m.double() for m in maps], hws=HWS,
+                                                     size=HWS[0])),
+        (ValueError, "unknown backend", dict(maps=maps, hws=HWS, size=HWS[0], backend="nope")),
+    ]
+    for exc, msg, kw in bad:
+        kw.setdefault("backend", "triton")
+        with pytest.raises(exc, match=msg):
+            upsample_sum(**kw)
+    assert launches == []
+
+
+def test_torch_compile_traces_custom_op(launches):
+    # the triton path is a torch.library custom op with a fake: fullgraph traces without a break
+    maps = [torch.randn(1, h * w, 16) for h, w in HWS]
+    bias, scale = torch.randn(16), torch.rand(16) + 0.5
+
+    def f(a, b, c, d, bias, scale):
+        return upsample_sum([a, b, c, d], HWS, HWS[0], bias=bias, scale=scale, shift=bias, relu=True,
+                            backend="triton")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*maps, bias, scale)
+    torch.testing.assert_close(out, R.upsample_sum(maps, HWS, HWS[0], bias, scale, bias, True))
+    assert launches == ["_upsample_sum_fwd_kernel"]
+
+    def g(a, b, c, d, bias):
+        return upsample_sum([a, b, c, d], HWS, HWS[0], bias=bias, backend="torch")
+    torch.testing.assert_close(torch.compile(g, fullgraph=True, backend="eager")(*maps, bias),
+                               R.upsample_sum(maps, HWS, HWS[0], bias))
+
+
+def test_aot_compile_sm80_sm90():
+    """Every kernel configuration that runs at D = 256 and 768 (fp32, fp16, bf16 I/O), compiled for
+    sm_80 and sm_90 with the launch-time divisibility hints, in a subprocess (interpreted kernels
+    cannot be lowered)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-m", "segformer_fast.kernels.triton.upsample_sum"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    print("\nkernel | D | dtype | config | arch | warps | regs | spills | smem")
+    for row in rows:
+        print(" | ".join(str(v) for v in row))
+    assert {row[0] for row in rows} == {"fwd/eval", "fwd/train", "epilogue_bwd", "adjoint/W", "adjoint/H"}
+    assert {row[1] for row in rows} == {256, 768} and {row[4] for row in rows} == {80, 90}
+    for name, D, ty, cfg, arch, nw, regs, spills, smem in rows:
+        assert spills == 0, (name, D, ty, arch, regs, spills)
+        assert smem <= 100 * 1024, (name, D, ty, arch, smem)
+        assert regs <= 255
