@@ -73,8 +73,8 @@ def sra_attention_cost(B: int, N: int, M: int, C: int, num_heads: int,
         ref_flops += 8 * mnk + 4 * S
         fused_bytes += ((2 * q + 2 * kv) * e + rows * 4 + q * e + rows * 4     # dQ kernel
                         + 2 * q * e + 2 * rows * 4                             # dK/dV kernel reads
-                        + (2 * kv * 4 * splits if splits > 1 else 0)           # fp32 partials
-                        + (2 * kv * 4 * splits if splits > 1 else 0)           # reduction reads
+                        + 2 * kv * 4 * splits                                  # fp32 partials
+                        + 2 * kv * 4 * splits                                  # reduction reads
                         + 2 * kv * e)                                          # dK, dV
         # dQ kernel: two sweeps (delta, then dQ): 5 GEMMs; dK/dV kernel: 4 GEMMs (2*mnk each)
         fused_flops += 18 * mnk + 8 * S

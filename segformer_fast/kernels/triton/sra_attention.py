@@ -275,12 +275,13 @@ def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
             cfg = (64, 64, 4, 2)
     elif kernel == "dq":
         if fp32:
-            cfg = (64, 32, 8, 2) if bd <= 64 else (64, 32, 8, 1)
+            # d = 128 in fp32 (not a SegFormer shape) only fits without spills at 16 x 16
+            cfg = (64, 32, 8, 2) if bd <= 64 else (16, 16, 8, 1)
         else:
             cfg = (64, 64, 4, 2)
     elif kernel == "dkdv":
         if fp32:
-            cfg = (64, 32, 8, 2) if bd <= 64 else (64, 32, 8, 1)
+            cfg = (64, 32, 8, 2) if bd <= 64 else (16, 32, 4, 1)
         else:
             cfg = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 1)
     else:
@@ -356,19 +357,79 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     splits = dkdv_splits(N, M, BH, bn, bm)
     tiles_per_split = triton.cdiv(triton.cdiv(N, bn), splits)
     splits = triton.cdiv(triton.cdiv(N, bn), tiles_per_split)   # drop empty trailing splits
-    if splits == 1:
-        dk = torch.empty((B, M, C), device=q.device, dtype=q.dtype)
-        dv = torch.empty((B, M, C), device=q.device, dtype=q.dtype)
-    else:
-        dk = torch.empty((splits, B, M, C), device=q.device, dtype=torch.float32)
-        dv = torch.empty((splits, B, M, C), device=q.device, dtype=torch.float32)
+    # fp32 partial sums (one slab per query chunk) whatever the input dtype: one compiled
+    # variant for every split count, and the split reduction happens in fp32
+    dk = torch.empty((splits, B, M, C), device=q.device, dtype=torch.float32)
+    dv = torch.empty((splits, B, M, C), device=q.device, dtype=torch.float32)
     _sra_bwd_dkdv_kernel[(triton.cdiv(M, bm), BH, splits)](
         q, k, v, do, dk, dv, lse, delta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), B * M * C, dk.stride(-3), dk.stride(-2),
         N, M, num_heads, qk_scale, sm_scale, tiles_per_split,
         HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **flags)
-    if splits > 1:
-        dk = dk.sum(0).to(q.dtype)
-        dv = dv.sum(0).to(q.dtype)
+    dk = (dk.sum(0) if splits > 1 else dk[0]).to(q.dtype)
+    dv = (dv.sum(0) if splits > 1 else dv[0]).to(q.dtype)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time report: every kernel exactly as the launchers configure it, for GPUs this
+# machine may not have. Run as ``TRITON_INTERPRET=0 python -m segformer_fast.kernels.triton.sra_attention``
+# (the interpreter's @triton.jit objects cannot be lowered, hence a separate process).
+# ----------------------------------------------------------------------------------------------
+
+_AOT_SIG = {
+    "fwd": ("_sra_fwd_kernel", ["Q", "K", "V", "O", "LSE"],
+            ["stride_qb", "stride_qn", "stride_kb", "stride_km", "stride_vb", "stride_vm",
+             "stride_ob", "stride_on", "N", "M", "H"], ["qk_scale"]),
+    "dq": ("_sra_bwd_dq_kernel", ["Q", "K", "V", "DO", "DQ", "LSE", "DELTA"],
+           ["stride_qb", "stride_qn", "stride_kb", "stride_km", "stride_vb", "stride_vm",
+            "stride_dob", "stride_don", "stride_dqb", "stride_dqn", "N", "M", "H"],
+           ["qk_scale", "sm_scale"]),
+    "dkdv": ("_sra_bwd_dkdv_kernel", ["Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA"],
+             ["stride_qb", "stride_qn", "stride_kb", "stride_km", "stride_vb", "stride_vm",
+              "stride_dob", "stride_don", "stride_dks", "stride_dkb", "stride_dkm", "N", "M", "H",
+              "tiles_per_split"], ["qk_scale", "sm_scale"]),
+}
+_TRITON_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_report(kernel: str, head_dim: int, dtype: torch.dtype, arch: int):
+    """Compile ``kernel`` with its launch configuration for ``sm_{arch}``.
+
+    Divisibility hints are what Triton's specialisation sees at real SegFormer shapes: torch
+    pointers are 16-byte aligned; every stride (C, 2C for kv halves, N*C, M*C, B*M*C) and M
+    ((H/32)*(W/32) = 256, 1024, 2048) are multiples of 16. N is left unhinted so the same binary
+    serves any token count. The dK/dV outputs are compiled as fp32 partial-sum buffers (the
+    split case, which is what runs at real shapes)."""
+    from ...analysis.aot import compile_report
+    name, ptrs, ints, floats = _AOT_SIG[kernel]
+    el = _TRITON_TY[dtype]
+    sig = {p: ("*fp32" if p in ("LSE", "DELTA", "DK", "DV") else f"*{el}") for p in ptrs}
+    sig.update({i: "i32" for i in ints})
+    sig.update({f: "fp32" for f in floats})
+    cfg = kernel_config(kernel, head_dim, dtype)
+    ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_N=cfg["BLOCK_N"],
+              BLOCK_M=cfg["BLOCK_M"], UPCAST=False, IEEE=dtype == torch.float32)
+    sig.update({c: "constexpr" for c in ce})
+    div = tuple(ptrs) + tuple(i for i in ints if i.startswith("stride")) + ("M",)
+    return compile_report(globals()[name], sig, ce, arch, divisible_by_16=div,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    # argv: kernels dims dtypes, comma-separated (default: the SegFormer set)
+    kernels = (sys.argv[1] if len(sys.argv) > 1 else "fwd,dq,dkdv").split(",")
+    dims = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "32,64").split(",")]
+    dtypes = [getattr(torch, x) for x in (sys.argv[3] if len(sys.argv) > 3 else "float16,float32").split(",")]
+    for kernel in kernels:
+        for d in dims:
+            for dtype in dtypes:
+                for arch in (80, 90):
+                    r = aot_report(kernel, d, dtype, arch)
+                    print(json.dumps(dict(kernel=kernel, head_dim=d, dtype=_TRITON_TY[dtype], arch=arch,
+                                          config=kernel_config(kernel, d, dtype), registers=r.registers,
+                                          spills=r.spills, shared=r.shared_bytes)), flush=True)
