@@ -102,21 +102,6 @@ def _detect(m: nn.Module) -> Layout:
                     f"of a known layout ({', '.join(l.name for l in LAYOUTS)})")
 
 
-def _dropout(drop: nn.Module, x: Tensor) -> Tensor:
-    """The head's dropout on a channels-last x, drawing the same random numbers as the original.
-
-    Element-wise ``nn.Dropout`` (HF) fills its mask in memory order, so on our channels-last
-    tensor it would draw a different (equally distributed) mask than the original head on its
-    NCHW-contiguous tensor. Drawing the mask in NCHW order exactly as ``F.dropout`` does keeps
-    training runs reproducible against the original at no extra pass. ``Dropout2d`` (NVlabs/ours)
-    draws a (B, C, 1, 1) mask: layout-independent, the module runs as is.
-    """
-    if type(drop) is nn.Dropout and drop.training and 0.0 < drop.p < 1.0:
-        noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - drop.p)
-        return x * noise.div_(1.0 - drop.p)
-    return drop(x)
-
-
 class FusedDecodeHead(nn.Module):
     """Drop-in SegFormer All-MLP head (NVlabs/seed/ours, HF <= 5.8, HF >= 5.9) with
     ``linear_fuse`` folded into the per-stage projections and the H/4 epilogue fused.
@@ -288,7 +273,10 @@ class FusedDecodeHead(nn.Module):
                 x = act(x)
         drop = self._part(self.layout.dropout)
         if drop is not None:
-            x = _dropout(drop, x)
+            # x is channels-last, like the original head's (its tokens -> NCHW views make
+            # interpolate, concat and the 1x1 conv channels-last), so even element-wise
+            # nn.Dropout draws the same mask from the same seed
+            x = drop(x)
         return _get(self, self.layout.classifier)(x)
 
     def extra_repr(self) -> str:
