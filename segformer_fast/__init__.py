@@ -6,12 +6,12 @@
 """
 from ._lazy import lazy_getattr
 from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .patch import patch, unpatch  # the function shadows the subpackage name on purpose
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "set_backend", "get_backend", "use_backend", "BACKENDS",
            "ops", "nn", "reference", "models"]
 
 __getattr__ = lazy_getattr(__name__, {
-    "patch": ".patch", "unpatch": ".patch",
     "ops": ".ops", "nn": ".nn", "reference": ".reference", "models": ".models",
 })
