@@ -1,0 +1,83 @@
+"""Whole-model benchmarks: HF SegFormer unpatched (SDPA attention), torch.compile of it, and
+patched by segformer_fast — forward and forward+backward.
+
+CPU (here): B0/B1/B2 at 512², batch 1, fp32. CUDA: B0-B5 at 512², 1024², 1024x2048, batch 1 and
+8, fp16/bf16 (skipped without a GPU). Compare rows of one run as ratios; the JSON under
+benchmarks/results/ records device and versions.
+"""
+import copy
+
+import pytest
+import torch
+
+import segformer_fast
+from segformer_fast.bench import hf_segformer, versions
+
+CUDA = torch.cuda.is_available()
+IMPLS = ["hf_sdpa", "hf_compile", "patched"]
+
+_cache = {}
+
+
+def build(variant, impl, device, dtype):
+    key = (variant, impl, device, dtype)
+    if key not in _cache:
+        base = _cache.setdefault((variant, "base", device, dtype),
+                                 hf_segformer(variant).to(device=device, dtype=dtype))
+        model = copy.deepcopy(base)
+        if impl == "patched":
+            segformer_fast.patch(model)
+        elif impl == "hf_compile":
+            model = torch.compile(model)
+        _cache[key] = model
+    return _cache[key]
+
+
+def run_case(benchmark, smoke, variant, impl, mode, size, batch, device, dtype):
+    if smoke:
+        size, batch = (64, 64), 1
+        if impl == "hf_compile" and (variant, mode) != ("b0", "fwd"):
+            pytest.skip("smoke run: torch.compile is exercised once (b0 forward) to keep CI short")
+    model = build(variant, impl, device, dtype)
+    x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+    model.train(mode == "fwd_bwd")
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                out = model(x).logits
+        else:
+            out = model(x).logits
+            out.float().square().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.extra_info.update(versions(), variant=variant, impl=impl, mode=mode, size=list(size),
+                                batch=batch, dtype=str(dtype), device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
+    if device == "cuda":
+        benchmark.extra_info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant,mode", [("b0", "fwd"), ("b1", "fwd"), ("b2", "fwd"), ("b0", "fwd_bwd")])
+def test_model_cpu(benchmark, smoke, variant, mode, impl):
+    benchmark.group = f"model-cpu-{variant}-{mode}-512"
+    run_case(benchmark, smoke, variant, impl, mode, (512, 512), 1, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("size", [(512, 512), (1024, 1024), (1024, 2048)], ids=["512", "1024", "1024x2048"])
+@pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b3", "b4", "b5"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_model_cuda(benchmark, smoke, variant, size, batch, dtype, mode, impl):
+    if not CUDA:
+        pytest.skip("no CUDA device")
+    benchmark.group = f"model-cuda-{variant}-{mode}-{size[0]}x{size[1]}-b{batch}-{dtype}"
+    run_case(benchmark, smoke, variant, impl, mode, size, batch, "cuda", dtype)
