@@ -1,8 +1,12 @@
 """Public fused ops: input checks, torch.library registration, autograd and backend dispatch.
 
-Each op lives in its own module and is imported on first use.
+Importing these is cheap: Triton kernel modules are imported only when a Triton launch happens.
+The functions are bound eagerly because importing a submodule binds it on the package under the
+same name, which would shadow a lazily resolved function.
 """
-from .._lazy import lazy_getattr
+from .conv_layernorm import conv_layernorm
+from .dwconv_gelu import dwconv_gelu
+from .sra_attention import sra_attention
+from .upsample_sum import upsample_sum
 
 __all__ = ["sra_attention", "dwconv_gelu", "conv_layernorm", "upsample_sum"]
-__getattr__ = lazy_getattr(__name__, {name: f".{name}" for name in __all__})

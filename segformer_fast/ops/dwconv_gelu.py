@@ -8,9 +8,6 @@ GELU: no layout copy), ``reference`` (``segformer_fast.reference.dwconv_gelu``).
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -156,14 +153,3 @@ def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor | N
         return _torch_impl(x, H, W, weight, bias, approximate)
     return reference.dwconv_gelu(x, (H, W), weight, bias, approximate)
 
-
-class _CallableModule(types.ModuleType):
-    """``segformer_fast.ops`` resolves ``ops.dwconv_gelu`` to this submodule (the lazy table maps
-    the name to a same-named module, and importing a submodule binds it on the package), so the
-    module itself forwards calls to the function: ``segformer_fast.ops.dwconv_gelu(x, ...)``."""
-
-    def __call__(self, *args, **kwargs):
-        return dwconv_gelu(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
