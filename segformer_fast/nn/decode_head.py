@@ -208,11 +208,12 @@ class FusedDecodeHead(nn.Module):
         scale = shift = None
         bn = self._part(self.layout.bn)
         if self._bn_eval_affine(bn):
-            inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-            scale = inv if bn.weight is None else bn.weight.float() * inv
-            shift = -bn.running_mean.float() * scale
+            acc = torch.promote_types(bn.running_var.dtype, torch.float32)   # fp32 at least
+            inv = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+            scale = inv if bn.weight is None else bn.weight.to(acc) * inv
+            shift = -bn.running_mean.to(acc) * scale
             if bn.bias is not None:
-                shift = shift + bn.bias.float()
+                shift = shift + bn.bias.to(acc)
         return stages, bias, scale, shift
 
     def _folded(self, features: Sequence[Tensor]):
