@@ -162,6 +162,15 @@ def test_torch_compile_traces_custom_op(launches):
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(*maps, bias, scale)
     torch.testing.assert_close(out, R.upsample_sum(maps, HWS, HWS[0], bias, scale, bias, True))
     assert launches == ["_upsample_sum_fwd_kernel"]
+    # backward traced too (register_autograd -> the backward custom ops, with fakes)
+    args = [t.clone().requires_grad_() for t in maps + [bias, scale]]
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*args).square().sum().backward()
+    ref_args = [t.clone().requires_grad_() for t in maps + [bias, scale]]
+    R.upsample_sum(ref_args[:4], HWS, HWS[0], ref_args[4], ref_args[5], ref_args[4],
+                   True).square().sum().backward()
+    for a, b in zip(args, ref_args):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    assert "_epilogue_bwd_kernel" in launches and "_upsample_adjoint_kernel" in launches
 
     def g(a, b, c, d, bias):
         return upsample_sum([a, b, c, d], HWS, HWS[0], bias=bias, backend="torch")
