@@ -27,9 +27,9 @@ Index math (F.interpolate, bilinear, align_corners=False): ``scale = in / out`` 
 """
 from __future__ import annotations
 
+import functools
 import math
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -57,9 +57,11 @@ def adjoint_config(inner: int) -> dict:
     return {"BLOCK_Q": 32, "BLOCK_I": block_i, "num_warps": 4}
 
 
+@functools.lru_cache(maxsize=1024)
 def fp32_ratio(n_in: int, n_out: int) -> float:
-    """``n_in / n_out`` rounded to fp32 exactly as PyTorch computes the bilinear scale."""
-    return float(np.float32(n_in) / np.float32(n_out))
+    """``n_in / n_out`` as an IEEE fp32 division, exactly as PyTorch computes the bilinear scale
+    (not the double quotient rounded to fp32, which can differ by double rounding)."""
+    return torch.tensor(n_in, dtype=torch.float32).div(n_out).item()
 
 
 # ----------------------------------------------------------------------------------------------
