@@ -4,9 +4,6 @@ Eval logits match the original head (ours/NVlabs, HF >= 5.9, HF <= 5.8 in a subp
 B2-sized head on the features of a 2x3x97x131 image; training gradients, running statistics and
 num_batches_tracked match; FLOPs of whole models drop; the cost model is sane."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ import torch
 from segformer_fast.models.segformer import SegFormerHead
 from segformer_fast.nn import FusedDecodeHead
 from segformer_fast.testing import init_realistic_
+from legacy_hf import run_legacy
 
 K = pytest.importorskip("segformer_fast.kernels.triton.upsample_sum")
 
@@ -206,14 +204,8 @@ print('legacy', transformers.__version__, err, worst)
 
 
 def test_hf_legacy_layout():
-    legacy = os.environ.get("SEGFORMER_FAST_HF_LEGACY")
-    if not legacy:
-        pytest.skip("set SEGFORMER_FAST_HF_LEGACY to a directory holding transformers<=5.8 (CI does)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", LEGACY_SCRIPT], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "legacy 4." in r.stdout
-    print("\n" + r.stdout.strip())
+    out = run_legacy(LEGACY_SCRIPT)
+    print("\n" + out.strip())
 
 
 # ---------------------------------------------------------------- FLOPs and cost model

@@ -19,6 +19,7 @@ from segformer_fast.kernels.triton import dwconv_gelu as K
 from segformer_fast.nn import FusedMixFFN
 from segformer_fast.ops.dwconv_gelu import dwconv_gelu
 from segformer_fast.testing import check_op, init_realistic_
+from legacy_hf import run_legacy
 
 # (B, H, W, C, approximate, input scale): the shapes plus 3x5x160 (two channel tiles).
 CASES = {
@@ -276,13 +277,7 @@ print('legacy', transformers.__version__, 'ok')
 
 
 def test_mixffn_hf_legacy_layout():
-    legacy = os.environ.get("SEGFORMER_FAST_HF_LEGACY")
-    if not legacy:
-        pytest.skip("set SEGFORMER_FAST_HF_LEGACY to a directory holding transformers<=5.8 (CI does)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", HF_LEGACY_SCRIPT], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "legacy 4." in r.stdout
+    run_legacy(HF_LEGACY_SCRIPT)
 
 
 def test_mixffn_unknown_layout():

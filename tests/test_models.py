@@ -1,13 +1,11 @@
 """Our reference SegFormer and its converters."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from segformer_fast.models import VARIANTS, from_hf, from_nvlabs_state_dict, segformer
 from segformer_fast.testing import init_realistic_
+from legacy_hf import run_legacy
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,13 +86,7 @@ print('legacy', transformers.__version__, err)
 
 
 def test_from_hf_legacy_layout():
-    legacy = os.environ.get("SEGFORMER_FAST_HF_LEGACY")
-    if not legacy:
-        pytest.skip("set SEGFORMER_FAST_HF_LEGACY to a directory holding transformers<=5.8 (CI does)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", LEGACY_SCRIPT], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "legacy 4." in r.stdout
+    run_legacy(LEGACY_SCRIPT)
 
 
 def test_nvlabs_state_dict_roundtrip():

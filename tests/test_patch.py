@@ -2,8 +2,6 @@
 model and our own; parity in eval and training, idempotence, state_dict, unpatch."""
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from seed_model import load_seed_module
 
 transformers = pytest.importorskip("transformers")
 from transformers import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from legacy_hf import run_legacy
 
 TINY = dict(hidden_sizes=[32, 64, 64, 64], num_attention_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1],
             decoder_hidden_size=32, num_labels=5)
@@ -149,25 +148,16 @@ def test_patch_tiny_hf_triton_interpreter():
 
 
 LEGACY = r"""
-import sys, torch, transformers
-sys.path.insert(0, {tests!r})
+import torch, transformers
 from test_patch import check_patch, hf_model, TINY
 assert transformers.__version__.startswith('4.'), transformers.__version__
 m = hf_model(num_labels=7)
 assert hasattr(m.segformer, 'encoder')
 r = check_patch(m, torch.randn(2, 3, 97, 131))
 check_patch(hf_model(**TINY), torch.randn(2, 3, 61, 45))
-print('legacy ok', transformers.__version__, len(r.replaced))
+print('legacy', transformers.__version__, 'ok', len(r.replaced))
 """
 
 
 def test_patch_hf_legacy_layout():
-    legacy = os.environ.get("SEGFORMER_FAST_HF_LEGACY")
-    if not legacy:
-        pytest.skip("set SEGFORMER_FAST_HF_LEGACY to a directory holding transformers<=5.8 (CI does)")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([legacy, tests, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", LEGACY.format(tests=tests)], env=env, capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "legacy ok 4." in r.stdout
+    run_legacy(LEGACY)

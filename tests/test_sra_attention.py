@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from segformer_fast import reference
 from segformer_fast.kernels.triton import sra_attention as K
 from segformer_fast.ops.sra_attention import sra_attention
-from segformer_fast.testing import assert_contract, check_op, init_realistic_
+from segformer_fast.testing import check_op, init_realistic_
+from legacy_hf import run_legacy
 
 KERNELS = ("_sra_fwd_kernel", "_sra_bwd_dq_kernel", "_sra_bwd_dkdv_kernel")
 
@@ -323,13 +324,7 @@ print('legacy', transformers.__version__, err, gerr)
 
 
 def test_module_hf_legacy_layout():
-    legacy = os.environ.get("SEGFORMER_FAST_HF_LEGACY")
-    if not legacy:
-        pytest.skip("set SEGFORMER_FAST_HF_LEGACY to a directory holding transformers<=5.8 (CI does)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", LEGACY_SCRIPT], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "legacy 4." in r.stdout
+    run_legacy(LEGACY_SCRIPT)
 
 
 def test_module_rejects_unknown():

@@ -109,7 +109,6 @@ def flop_table(variants: Sequence[str] = ("b0", "b1", "b2", "b3", "b4", "b5"), s
     head with ``FusedDecodeHead`` (steady state: the folded weights are cached after one call).
     Runs on the meta device by default: FLOPs depend on shapes only."""
     from ..models import segformer
-    from ..models.segformer import VARIANTS
     from ..nn.decode_head import FusedDecodeHead
 
     rows = []

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.conv_layernorm import conv_layernorm
+from ._share import adopt
 from ..ops.sra_attention import sra_attention
 
 __all__ = ["FusedEfficientAttention", "Layout", "LAYOUTS"]
@@ -134,13 +135,7 @@ class FusedEfficientAttention(nn.Module):
         fused = cls(layout, heads, None if scale is None else float(scale), sr_ratio,
                     attn_drop_p=drop if isinstance(drop, (int, float)) else 0.0, backend=backend)
         fused.train(m.training)
-        # same children (and direct params/buffers) under the same names: same state_dict keys
-        for name, child in m.named_children():
-            fused.add_module(name, child)
-        for name, p in m._parameters.items():
-            fused.register_parameter(name, p)
-        for name, b in m._buffers.items():
-            fused.register_buffer(name, b, persistent=name not in m._non_persistent_buffers_set)
+        adopt(fused, m)
         if fused.sr_ratio > 1:
             sr, norm = _get(fused, lay.sr, None), _get(fused, lay.norm, None)
             if not isinstance(sr, nn.Conv2d) or not isinstance(norm, nn.LayerNorm):

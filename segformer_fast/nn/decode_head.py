@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.upsample_sum import upsample_sum
+from ._share import adopt
 
 __all__ = ["FusedDecodeHead", "LAYOUTS"]
 
@@ -113,13 +114,7 @@ class FusedDecodeHead(nn.Module):
 
     def __init__(self, head: nn.Module, layout: Layout, backend: str | None = None):
         super().__init__()
-        # the replaced head's children under the same names: shared Parameters, same state_dict
-        for name, child in head.named_children():
-            self.add_module(name, child)
-        for name, p in head._parameters.items():
-            self.register_parameter(name, p)
-        for name, b in head._buffers.items():
-            self.register_buffer(name, b, persistent=name not in head._non_persistent_buffers_set)
+        adopt(self, head)
         if hasattr(head, "config"):
             self.config = head.config
         self.layout = layout

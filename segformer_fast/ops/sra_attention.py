@@ -104,7 +104,6 @@ _sra_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- torch: stock SDPA
 def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
     B, N, C = q.shape
-    M = k.shape[1]
     d = C // num_heads
     # (B, tokens, H, d) -> (B, H, tokens, d) are strided views (no copy; kv halves stay views)
     qh = q.unflatten(2, (num_heads, d)).transpose(1, 2)

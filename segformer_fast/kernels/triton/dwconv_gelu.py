@@ -22,7 +22,6 @@ arithmetic issue never arises.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
