@@ -1,6 +1,7 @@
 """Command line.
 
     python -m segformer_fast demo    patch an HF SegFormer-B0, check parity, print the speed-up
+    python -m segformer_fast profile per-op time before and after patching (torch.profiler)
     python -m segformer_fast bench   markdown table of ratios from a saved benchmark run
 """
 from __future__ import annotations
@@ -63,6 +64,40 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def profile(args) -> int:
+    """Where the time goes, op by op, before and after patching (torch.profiler, self time)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import segformer_fast
+    from segformer_fast.bench import hf_segformer
+
+    torch.set_grad_enabled(False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    hf = hf_segformer(args.variant, seed=0).to(device)
+    patched = copy.deepcopy(hf)
+    segformer_fast.patch(patched, backend=args.backend)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    for name, model in (("HF (SDPA)", hf), ("patched", patched)):
+        model(x)  # warm-up: allocator, folded-weight caches, kernel compilation
+        with torch_profile(activities=activities) as prof:
+            for _ in range(args.rounds):
+                model(x)
+        events = prof.key_averages()
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events) / args.rounds
+        _say(f"\n## {name}: SegFormer-{args.variant.upper()} {args.batch}x3x{args.size}x{args.size} on {device}, "
+             f"{total / 1e3:.1f} ms of op self time per forward\n")
+        _say("| op | calls/forward | ms/forward | share |")
+        _say("|---|---|---|---|")
+        for e in sorted(events, key=lambda e: -getattr(e, key))[: args.top]:
+            t = getattr(e, key) / args.rounds
+            _say(f"| {e.key} | {e.count // args.rounds} | {t / 1e3:.2f} | {100 * t / total:.1f}% |")
+    return 0
+
+
 def _latest_json(path: str | None) -> str:
     if path:
         return path
@@ -73,23 +108,31 @@ def _latest_json(path: str | None) -> str:
     return files[-1]
 
 
+def _group_key(b: dict) -> str:
+    """Rows that differ only in their ``impl`` parameter are one comparison."""
+    if b.get("group"):
+        return b["group"]
+    params = {k: v for k, v in (b.get("params") or {}).items() if k != "impl"}
+    return b["name"].split("[")[0] + "[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]"
+
+
 def bench(args) -> int:
     path = _latest_json(args.json)
     with open(path) as f:
         data = json.load(f)
     groups: dict[str, list[dict]] = {}
     for b in data["benchmarks"]:
-        groups.setdefault(b.get("group") or b["name"], []).append(b)
+        groups.setdefault(_group_key(b), []).append(b)
     m = data.get("machine_info", {})
-    print(f"benchmark run {os.path.basename(path)} — {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
+    print(f"benchmark run {os.path.basename(path)}: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
           f"{data.get('datetime', '')}\n")
-    print("| group | case | median | vs slowest |")
+    print("| case | implementation | median | speed-up vs slowest |")
     print("|---|---|---|---|")
     for group, rows in groups.items():
         slowest = max(r["stats"]["median"] for r in rows)
         for r in sorted(rows, key=lambda r: -r["stats"]["median"]):
-            case = r["extra_info"].get("impl") or r["name"].split("[")[-1].rstrip("]")
-            print(f"| {group} | {case} | {1e3 * r['stats']['median']:.2f} ms | {slowest / r['stats']['median']:.2f}x |")
+            impl = (r.get("params") or {}).get("impl") or r["extra_info"].get("impl") or r["name"]
+            print(f"| {group} | {impl} | {1e3 * r['stats']['median']:.2f} ms | {slowest / r['stats']['median']:.2f}x |")
     return 0
 
 
@@ -104,6 +147,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
     p.set_defaults(fn=demo)
+    p = sub.add_parser("profile", help="per-op time table before and after patching (torch.profiler)")
+    p.add_argument("--variant", default="b0", choices=["b0", "b1", "b2", "b3", "b4", "b5"])
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(fn=profile)
     p = sub.add_parser("bench", help="markdown table of ratios from a pytest-benchmark JSON")
     p.add_argument("json", nargs="?", help="a JSON file (default: the newest under benchmarks/results)")
     p.set_defaults(fn=bench)
