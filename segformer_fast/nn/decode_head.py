@@ -179,37 +179,42 @@ class FusedDecodeHead(nn.Module):
             ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
         return [t for t in ts if t is not None]
 
-    def _fold(self, tokens_per_stage: Sequence[int] | None, dtype) -> tuple[list, Tensor, Tensor | None,
-                                                                           Tensor | None]:
+    def _fold(self, tokens_per_stage: Sequence[int] | None, dtype) -> tuple[list, Tensor, bool]:
         """Per stage ("w", D x C_i folded weight) or ("seq", W_i, F_i) for the low-res two-step
-        association; the folded bias; the eval BN (scale, shift) or None."""
+        association; the folded bias; whether an eval-mode BatchNorm was folded in too.
+
+        In eval, BatchNorm is an affine map per channel, so it folds into every stage's weights
+        (rows scaled) and into the bias: what is left after the upsample-sum is ReLU alone."""
         fuse = self._fuse_conv()
         D = fuse.weight.shape[0]
         n = self.num_stages
         fw = fuse.weight.reshape(D, n * D)
-        stages, bias = [], fuse.bias
-        for i, proj in enumerate(self._projections()):
-            blk = fw[:, (n - 1 - i) * D:(n - i) * D]           # concat order is [c_n, ..., c_1]
-            C = proj.weight.shape[1]
-            if tokens_per_stage is None or C < tokens_per_stage[i]:
-                stages.append(("w", (blk @ proj.weight).to(dtype)))
-            else:
-                stages.append(("seq", proj.weight.to(dtype), blk.to(dtype)))
-            if proj.bias is not None:
-                term = blk @ proj.bias
-                bias = term if bias is None else bias + term
-        if bias is None:
-            bias = fw.new_zeros(D)
-        scale = shift = None
+        bias = fuse.bias
         bn = self._part(self.layout.bn)
-        if self._bn_eval_affine(bn):
+        bn_folded = self._bn_eval_affine(bn)
+        if bn_folded:
             acc = torch.promote_types(bn.running_var.dtype, torch.float32)   # fp32 at least
             inv = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
             scale = inv if bn.weight is None else bn.weight.to(acc) * inv
             shift = -bn.running_mean.to(acc) * scale
             if bn.bias is not None:
                 shift = shift + bn.bias.to(acc)
-        return stages, bias, scale, shift
+            fw = fw.to(acc) * scale[:, None]
+            bias = shift if bias is None else bias.to(acc) * scale + shift
+        stages = []
+        for i, proj in enumerate(self._projections()):
+            blk = fw[:, (n - 1 - i) * D:(n - i) * D]           # concat order is [c_n, ..., c_1]
+            C = proj.weight.shape[1]
+            if tokens_per_stage is None or C < tokens_per_stage[i]:
+                stages.append(("w", (blk @ proj.weight.to(blk.dtype)).to(dtype)))
+            else:
+                stages.append(("seq", proj.weight.to(dtype), blk.to(dtype)))
+            if proj.bias is not None:
+                term = blk @ proj.bias.to(blk.dtype)
+                bias = term if bias is None else bias + term
+        if bias is None:
+            bias = fw.new_zeros(D)
+        return stages, bias.to(dtype), bn_folded
 
     def _folded(self, features: Sequence[Tensor]):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._sources())
@@ -239,34 +244,30 @@ class FusedDecodeHead(nn.Module):
                                  f"{tuple(f.shape)}")
         B = features[-1].shape[0]
         H, W = features[0].shape[-2:]
-        stages, bias, scale, shift = self._folded(features)
+        stages, bias, bn_folded = self._folded(features)
         maps, hws = [], []
-        for f, st in zip(features, stages):
+        for i, (f, st) in enumerate(zip(features, stages)):
             tokens = f.flatten(2).transpose(1, 2)               # (B, HW, C) view of NCHW
+            # The whole folded bias rides on the last (smallest) stage's GEMM for free: bilinear
+            # weights sum to one, so upsampling carries a constant through unchanged, and no
+            # full-resolution pass is spent adding it.
+            b = bias if i == len(stages) - 1 else None
             if st[0] == "w":
-                y = F.linear(tokens, st[1])
+                y = F.linear(tokens, st[1], b)
             else:
-                y = F.linear(F.linear(tokens, st[1]), st[2])
+                y = F.linear(F.linear(tokens, st[1]), st[2], b)
             maps.append(y)
             hws.append((f.shape[2], f.shape[3]))
         act = self._part(self.layout.act)
         bn = self._part(self.layout.bn)
         D = bias.shape[0]
-        dtype = maps[0].dtype
-        if scale is not None:
-            relu = isinstance(act, nn.ReLU)
-            x = upsample_sum(maps, hws, (H, W), bias=bias.to(dtype), scale=scale.to(dtype),
-                             shift=shift.to(dtype), relu=relu, backend=self.backend)
-            x = x.view(B, H, W, D).permute(0, 3, 1, 2)          # NCHW view, channels-last memory
-            if act is not None and not relu:
-                x = act(x)
-        else:
-            x = upsample_sum(maps, hws, (H, W), bias=bias.to(dtype), backend=self.backend)
-            x = x.view(B, H, W, D).permute(0, 3, 1, 2)
-            if bn is not None:
-                x = bn(x)       # the original module: batch statistics and running-buffer updates
-            if act is not None:
-                x = act(x)
+        relu = bn_folded and isinstance(act, nn.ReLU)           # fused into the upsample-sum
+        x = upsample_sum(maps, hws, (H, W), relu=relu, backend=self.backend)
+        x = x.view(B, H, W, D).permute(0, 3, 1, 2)              # NCHW view, channels-last memory
+        if bn is not None and not bn_folded:
+            x = bn(x)           # the original module: batch statistics and running-buffer updates
+        if act is not None and not relu:
+            x = act(x)
         drop = self._part(self.layout.dropout)
         if drop is not None:
             # x is channels-last, like the original head's (its tokens -> NCHW views make
