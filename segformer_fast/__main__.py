@@ -39,8 +39,11 @@ def demo(args) -> int:
     hf = hf_segformer(variant, seed=args.seed).to(device)
     patched = copy.deepcopy(hf)
     report = segformer_fast.patch(patched, backend=args.backend)
+    kernels = {"triton": "Triton kernels", "cpu": "native CPU kernels where they exist + stock PyTorch ops",
+               "torch": "stock PyTorch compositions", "reference": "the reference ops"}
+    here = segformer_fast.backends.resolve(torch.device(device), args.backend, ("triton", "cpu"))
     _say(f"patched: {len(report.replaced)} modules replaced, {len(report.skipped)} skipped "
-         f"(backend {args.backend}: runs '{segformer_fast.backends.resolve(torch.device(device), args.backend, ('triton',))}' here)")
+         f"(backend {args.backend}: {kernels[here]} on {device})")
     for path, why in report.skipped:
         _say(f"  skipped {path}: {why}")
 

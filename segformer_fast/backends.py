@@ -1,12 +1,14 @@
 """Which implementation runs an op.
 
 Names:
-- ``auto``: the fastest available for the tensor's device: ``triton`` on CUDA tensors, ``torch``
-  everywhere else (a CPU run through the Triton interpreter is a correctness tool, never a
-  default).
+- ``auto``: the fastest available for the tensor's device: ``triton`` on CUDA tensors; on CPU
+  tensors ``cpu`` where an op has a native CPU kernel (and it builds), ``torch`` otherwise (a CPU
+  run through the Triton interpreter is a correctness tool, never a default).
 - ``triton``: the fused Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` set before
   segformer_fast's kernel modules are imported.
-- ``cuda`` / ``cpu``: the native kernels in ``csrc/`` (built on first use, see ``_build.py``).
+- ``cpu``: the native C++ kernels of ``csrc/cpu`` where an op has one (built on first use, see
+  ``_build.py``), the ``torch`` composition for the rest.
+- ``cuda``: the native CUDA kernels of ``csrc/cuda`` (none yet: asking for them raises).
 - ``torch``: the best composition of stock PyTorch ops (SDPA, channels-last convs, the folded
   decoder) — the fast path on devices without a fused kernel.
 - ``reference``: ``segformer_fast.reference``, the specification.
@@ -17,7 +19,9 @@ The process-wide choice comes from ``set_backend()`` or the ``SEGFORMER_FAST_BAC
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 
 import torch
 
@@ -69,6 +73,20 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def native_cpu_available() -> bool:
+    """Whether the native CPU kernels build (or are cached) here; warns once when they do not, in
+    which case ``auto`` keeps to the ``torch`` composition."""
+    try:
+        from .kernels.cpu import native
+
+        native()
+    except Exception as e:  # no compiler, no ninja, a read-only cache...: never fatal for auto
+        warnings.warn(f"segformer_fast: native CPU kernels unavailable, using the torch backend ({e})")
+        return False
+    return True
+
+
 def resolve(device: torch.device, name: str | None = None, native_ops: tuple[str, ...] = ()) -> str:
     """The concrete backend that runs on ``device`` for the requested ``name``.
 
@@ -79,9 +97,20 @@ def resolve(device: torch.device, name: str | None = None, native_ops: tuple[str
     if name == "auto":
         if device.type == "cuda" and "triton" in native_ops and triton_available():
             return "triton"
+        if device.type == "cpu" and "cpu" in native_ops and native_cpu_available():
+            return "cpu"
         return "torch"
     if name in ("torch", "reference"):
         return name
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got device {device}")
+        if "cpu" not in native_ops:
+            return "torch"          # no native CPU kernel for this op: the stock composition
+        from .kernels.cpu import native
+
+        native()                    # explicit request: a build failure is an error, not a fallback
+        return "cpu"
     if name not in native_ops:
         raise ValueError(f"backend {name!r} has no kernel for this op yet (available: "
                          f"{', '.join(('torch', 'reference') + tuple(native_ops))})")

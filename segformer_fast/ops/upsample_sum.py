@@ -6,8 +6,9 @@ relu((sum_i up(map_i) + bias) * scale + shift), each term only where given (see
 ``segformer_fast.reference.upsample_sum``).
 
 Backends: ``triton`` (one fused gather kernel forward; epilogue-backward + adjoint-gather kernels
-backward), ``torch`` (F.interpolate on channels-last *views* of the tokens, summed in place: no
-layout copies), ``reference``.
+backward), ``cpu`` (csrc/cpu/upsample_sum.cpp: one pass for fp32 inference; calls needing
+gradients or other dtypes take the ``torch`` path), ``torch`` (F.interpolate on channels-last
+*views* of the tokens, summed in place: no layout copies), ``reference``.
 """
 from __future__ import annotations
 
@@ -212,6 +213,14 @@ def _torch_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
     return total.permute(0, 2, 3, 1).reshape(B, H * W, D)
 
 
+def _cpu_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+    from ..kernels.cpu import native
+
+    f32 = [None if t is None else t.detach().float().contiguous() for t in (bias, scale, shift)]
+    flat = [s for hw in hws for s in hw]
+    return native().upsample_sum_forward([m.contiguous() for m in maps], flat, size[0], size[1], *f32, relu)
+
+
 def upsample_sum(maps: Sequence[Tensor], hws: Sequence[tuple[int, int]], size: tuple[int, int],
                  bias: Tensor | None = None, scale: Tensor | None = None, shift: Tensor | None = None,
                  relu: bool = False, *, backend: str | None = None) -> Tensor:
@@ -225,9 +234,16 @@ def upsample_sum(maps: Sequence[Tensor], hws: Sequence[tuple[int, int]], size: t
     and shift. ``backend`` pins one backend (None: the process-wide choice).
     """
     _check(maps, hws, size, bias, scale, shift, relu)
-    name = resolve(maps[0].device, backend, native_ops=("triton",))
+    name = resolve(maps[0].device, backend, native_ops=("triton", "cpu"))
     hws = [(int(h), int(w)) for h, w in hws]
     size = (int(size[0]), int(size[1]))
+    if name == "cpu":
+        params = [t for t in (bias, scale, shift) if t is not None]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(maps) + params)
+        if grad or maps[0].dtype != torch.float32:
+            name = "torch"      # the native kernel is fp32 inference; the composition does the rest
+        else:
+            return _cpu_impl(maps, hws, size, bias, scale, shift, relu)
     if name == "triton":
         _triton_limits(maps)
         flat = [s for hw in hws for s in hw]

@@ -1,0 +1,7 @@
+// Python registration of the native CPU kernels (module segformer_fast_cpu).
+#include "cpu/ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("upsample_sum_forward", &upsample_sum_forward,
+        "bilinear upsample-sum + per-channel affine + ReLU, fp32 inference (ops.upsample_sum)");
+}

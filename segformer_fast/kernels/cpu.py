@@ -1,0 +1,11 @@
+"""The native CPU kernels of ``csrc/cpu`` (C++, ``at::parallel_for``), built on first use."""
+from __future__ import annotations
+
+SOURCES = ("cpu/upsample_sum.cpp", "bindings/cpu.cpp")
+
+
+def native():
+    """The compiled extension module (built once per machine and cached; see ``_build.py``)."""
+    from .._build import load
+
+    return load("segformer_fast_cpu", SOURCES)
