@@ -9,6 +9,11 @@ and runs:
 
 A new source layout is one ``Layout`` entry in ``LAYOUTS``.
 
+mmseg 1.x keeps Q, K and V in one ``nn.MultiheadAttention`` (``in_proj_weight`` rows [q; k; v]):
+its rows [:C] are the Q weight and rows [C:] are exactly a packed K/V weight (K rows first), so
+both are zero-copy slices of the shared Parameter. mmseg also adds the residual inside the module:
+``forward(x, hw_shape, identity=None)`` returns ``identity + dropout_layer(proj_drop(out))``.
+
 Attention-probability dropout with p > 0 in training cannot be fused (the kernel never forms the
 probabilities): that case, an explicit attention mask, and HF ≤ 5.8's ``output_attentions=True``
 run the explicit (reference) attention path on the same projections.
@@ -34,8 +39,9 @@ class Layout:
     """Where one codebase keeps the parts of its attention module (dotted attribute paths)."""
 
     detect: tuple[str, ...]             # paths that must exist for this layout
-    q: str
+    q: str | None                       # Q linear (None: rows [:C] of `in_proj`)
     proj: str
+    in_proj: str | None = None          # nn.MultiheadAttention holding packed [q; k; v] rows
     kv: str | None = None               # packed K/V linear (K rows first) ...
     k: str | None = None                # ... or separate K and V linears
     v: str | None = None
@@ -46,7 +52,14 @@ class Layout:
     sr_ratio: tuple[str, ...] = ()      # first existing path holds the reduction ratio
     attn_drop: str | None = None        # nn.Dropout module or float attribute (probabilities)
     proj_drop: str | None = None        # nn.Dropout module after the output projection
+    drop_path: str | None = None        # stochastic-depth module after proj_drop ("residual" only)
+    seq_first: bool = False             # the source's output projection yields (N, B, C) memory
+    #                                     seen as (B, N, C) (mmseg's transposes around
+    #                                     nn.MultiheadAttention); dropout masks follow memory
+    #                                     order, so a drawing proj_drop gets that layout too
     returns: str = "tensor"             # "tensor" | "out_none" (HF >= 5.9) | "tuple" (HF <= 5.8)
+    #                                     | "residual" (mmseg: forward(x, hw_shape, identity=None)
+    #                                       -> identity + drop_path(proj_drop(out)))
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -68,6 +81,13 @@ LAYOUTS: dict[str, Layout] = {
                         norm="self.layer_norm", heads=("self.num_attention_heads",), scale=None,
                         sr_ratio=("self.sr_ratio",), attn_drop="self.dropout",
                         proj_drop="output.dropout", returns="tuple"),
+    # mmseg 1.x EfficientMultiheadAttention: forward(x, hw_shape, identity=None) -> tensor with
+    # the residual added; `attn` is a stock nn.MultiheadAttention (dropout p kept as a float)
+    "mmseg": Layout(detect=("attn.in_proj_weight", "attn.out_proj"), q=None, in_proj="attn",
+                    proj="attn.out_proj", sr="sr", norm="norm", heads=("num_heads", "attn.num_heads"),
+                    scale=None, sr_ratio=("sr_ratio",), attn_drop="attn.dropout",
+                    proj_drop="proj_drop", drop_path="dropout_layer", seq_first=True,
+                    returns="residual"),
 }
 
 _MISSING = object()
@@ -91,6 +111,25 @@ def _first(obj, paths, default=None):
         if v is not None:
             return v
     return default
+
+
+def _check_in_proj(m: nn.Module, mha: nn.Module) -> None:
+    """Refuse the ``nn.MultiheadAttention`` options the packed-slice path does not reproduce."""
+    why = []
+    if not isinstance(mha, nn.MultiheadAttention):
+        why.append(f"{type(mha).__name__} is not an nn.MultiheadAttention")
+    else:
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            why.append("separate q/k/v projection weights (kdim/vdim != embed_dim)")
+        if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
+            why.append("add_bias_kv / add_zero_attn")
+        # mmseg's wrapper (batch_first=True) hands the inner module (N, B, C): any other pairing
+        # attends over a different axis than the tokens
+        if mha.batch_first or not getattr(m, "batch_first", True):
+            why.append(f"batch_first={getattr(m, 'batch_first', None)} around an inner "
+                       f"batch_first={mha.batch_first}")
+    if why:
+        raise ValueError(f"{type(m).__name__} cannot be fused: {', '.join(why)}")
 
 
 def detect_layout(m: nn.Module) -> str:
@@ -119,7 +158,8 @@ class FusedEfficientAttention(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_module(cls, m: nn.Module, backend: str | None = None) -> "FusedEfficientAttention":
-        """Wrap ``m`` (NVlabs/seed/our ``Attention``, HF ≥ 5.9 or ≤ 5.8 ``SegformerAttention``),
+        """Wrap ``m`` (NVlabs/seed/our ``Attention``, HF ≥ 5.9 or ≤ 5.8 ``SegformerAttention``,
+        mmseg 1.x ``EfficientMultiheadAttention``),
         sharing its Parameter objects; ``backend`` pins one (None: the process-wide choice)."""
         layout = detect_layout(m)
         lay = LAYOUTS[layout]
@@ -131,6 +171,8 @@ class FusedEfficientAttention(nn.Module):
         if sr_ratio is None:                            # infer from the conv when not recorded
             sr = _get(m, lay.sr, None)
             sr_ratio = sr.stride[0] if isinstance(sr, nn.Conv2d) else 1
+        if lay.in_proj is not None:
+            _check_in_proj(m, _get(m, lay.in_proj))
         drop = _get(m, lay.attn_drop, None)
         fused = cls(layout, heads, None if scale is None else float(scale), sr_ratio,
                     attn_drop_p=drop if isinstance(drop, (int, float)) else 0.0, backend=backend)
@@ -147,9 +189,21 @@ class FusedEfficientAttention(nn.Module):
     def _part(self, name: str):
         return _get(self, getattr(LAYOUTS[self.layout], name), None)
 
+    def _q_weight(self) -> tuple[Tensor, Tensor | None]:
+        if LAYOUTS[self.layout].in_proj is not None:
+            mha = self._part("in_proj")
+            c, b = mha.embed_dim, mha.in_proj_bias
+            return mha.in_proj_weight[:c], None if b is None else b[:c]
+        q = self._part("q")
+        return q.weight, q.bias
+
     def _kv_weight(self) -> tuple[Tensor, Tensor | None]:
         """(2C, C) weight and (2C,) bias of the fused K/V GEMM (K rows first)."""
         lay = LAYOUTS[self.layout]
+        if lay.in_proj is not None:                 # rows [C:3C] of [q; k; v]: a view, no copy
+            mha = self._part("in_proj")
+            c, b = mha.embed_dim, mha.in_proj_bias
+            return mha.in_proj_weight[c:], None if b is None else b[c:]
         if lay.kv is not None:
             kv = self._part("kv")
             return kv.weight, kv.bias
@@ -174,10 +228,27 @@ class FusedEfficientAttention(nn.Module):
         if not self.training:
             return 0.0
         drop = self._part("attn_drop")
-        return float(drop.p) if isinstance(drop, nn.Dropout) else self._attn_drop_p
+        if isinstance(drop, nn.Dropout):
+            return float(drop.p)
+        # a float still reachable on a kept child (mmseg's nn.MultiheadAttention.dropout) is read
+        # live; one that lived on the replaced module itself (HF) was recorded at wrap time
+        return float(drop) if isinstance(drop, (int, float)) else self._attn_drop_p
 
     # ------------------------------------------------------------------ forward
-    def forward(self, hidden_states: Tensor, height: int, width: int, *args, **kwargs):
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if LAYOUTS[self.layout].returns == "residual":
+            return self._forward_residual(hidden_states, *args, **kwargs)
+        return self._forward_h_w(hidden_states, *args, **kwargs)
+
+    def _forward_residual(self, x: Tensor, hw_shape: tuple[int, int], identity: Tensor | None = None):
+        """mmseg: ``identity + dropout_layer(proj_drop(attn(x)))``, identity defaulting to x."""
+        out, _ = self._attend(x, hw_shape[0], hw_shape[1], None, False)
+        drop_path = self._part("drop_path")
+        if drop_path is not None:
+            out = drop_path(out)
+        return (x if identity is None else identity) + out
+
+    def _forward_h_w(self, hidden_states: Tensor, height: int, width: int, *args, **kwargs):
         mask = None
         want_probs = False
         if self.layout == "hf":
@@ -194,8 +265,7 @@ class FusedEfficientAttention(nn.Module):
 
     def _attend(self, x: Tensor, H: int, W: int, mask: Tensor | None, want_probs: bool):
         B, N, C = x.shape
-        q_lin = self._part("q")
-        q = F.linear(x, q_lin.weight, q_lin.bias)
+        q = F.linear(x, *self._q_weight())
         if self.sr_ratio > 1:
             sr, norm = self._part("sr"), self._part("norm")
             x_kv, _ = conv_layernorm(x, sr.weight, sr.bias, norm.weight, norm.bias, stride=sr.stride,
@@ -212,8 +282,12 @@ class FusedEfficientAttention(nn.Module):
         else:
             out = sra_attention(q, k, v, self.num_heads, self.scale, backend=self.backend)
         proj = self._part("proj")
-        out = F.linear(out, proj.weight, proj.bias)
         drop = self._part("proj_drop")
+        draws = drop is not None and self.training and getattr(drop, "p", 1.0) > 0.0
+        if draws and LAYOUTS[self.layout].seq_first:     # same mask as the source (one extra copy)
+            out = F.linear(out.transpose(0, 1), proj.weight, proj.bias).transpose(0, 1)
+        else:
+            out = F.linear(out, proj.weight, proj.bias)
         if drop is not None:
             out = drop(out)
         return out, probs

@@ -1,6 +1,6 @@
 """``segformer_fast.patch(model)``: swap fused modules into the SegFormer code people already run.
 
-Each ecosystem adapter (hf.py, nvlabs.py, smp.py) only says *which* modules of a model
+Each ecosystem adapter (hf.py, mmseg.py, nvlabs.py, smp.py) only says *which* modules of a model
 are patch embeddings, attentions, Mix-FFNs and decode heads; the drop-in modules in
 ``segformer_fast.nn`` know how to read each layout. Patching works in place, shares every
 Parameter (``state_dict()`` keys and values are unchanged), keeps train/eval mode, and is
@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from ..backends import _check_name
-from . import hf, nvlabs, smp
+from . import hf, mmseg, nvlabs, smp
 
 # smp before nvlabs: smp's encoder has NVlabs' attribute names but other conventions.
-ADAPTERS = (hf, smp, nvlabs)
+# mmseg before nvlabs: mmseg is recognised by its whole backbone structure, nvlabs by looser
+# per-module attribute tests.
+ADAPTERS = (hf, mmseg, smp, nvlabs)
 
 
 @dataclass
@@ -50,8 +52,9 @@ def _is_fused(m: nn.Module) -> bool:
 def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
     """Replace SegFormer's hot modules in ``model`` (in place) with fused drop-ins.
 
-    Recognises Hugging Face transformers (<= 5.8 and >= 5.9 layouts), NVlabs / seed-style code
-    (and ``segformer_fast.models``) and segmentation_models_pytorch's MiT encoder. ``backend`` pins
+    Recognises Hugging Face transformers (<= 5.8 and >= 5.9 layouts), mmseg 1.x's
+    ``MixVisionTransformer`` backbone, NVlabs / seed-style code (and ``segformer_fast.models``) and
+    segmentation_models_pytorch's MiT encoder. ``backend`` pins
     the backend of every inserted module ("auto" follows ``set_backend`` at call time).
     Returns a ``PatchReport``; a second call replaces nothing.
     """
@@ -63,7 +66,7 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
             break
     else:
         raise TypeError(f"patch: {type(model).__name__} is not a SegFormer this version recognises "
-                        "(Hugging Face, NVlabs/seed-style or segmentation_models_pytorch)")
+                        "(Hugging Face, mmseg 1.x, NVlabs/seed-style or segmentation_models_pytorch)")
     report = PatchReport(adapter.NAME)
     if hasattr(adapter, "skipped"):
         report.skipped.extend(adapter.skipped(model))
