@@ -19,7 +19,6 @@ The process-wide choice comes from ``set_backend()`` or the ``SEGFORMER_FAST_BAC
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 
@@ -73,18 +72,24 @@ def triton_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+_native_cpu: dict = {}   # "ok": bool, "error": str — filled by the first call
+
+
+@torch.compiler.assume_constant_result     # a fact about the machine: dynamo must not trace it
 def native_cpu_available() -> bool:
     """Whether the native CPU kernels build (or are cached) here; warns once when they do not, in
     which case ``auto`` keeps to the ``torch`` composition."""
-    try:
-        from .kernels.cpu import native
+    if "ok" not in _native_cpu:
+        try:
+            from .kernels.cpu import native
 
-        native()
-    except Exception as e:  # no compiler, no ninja, a read-only cache...: never fatal for auto
-        warnings.warn(f"segformer_fast: native CPU kernels unavailable, using the torch backend ({e})")
-        return False
-    return True
+            native()
+            _native_cpu["ok"] = True
+        except Exception as e:  # no compiler, no ninja, a read-only cache...: never fatal for auto
+            _native_cpu.update(ok=False, error=f"{type(e).__name__}: {e}")
+            warnings.warn("segformer_fast: native CPU kernels unavailable, using the torch backend "
+                          f"({_native_cpu['error']})")
+    return _native_cpu["ok"]
 
 
 def resolve(device: torch.device, name: str | None = None, native_ops: tuple[str, ...] = ()) -> str:
@@ -107,9 +112,9 @@ def resolve(device: torch.device, name: str | None = None, native_ops: tuple[str
             raise ValueError(f"backend 'cpu' needs CPU tensors, got device {device}")
         if "cpu" not in native_ops:
             return "torch"          # no native CPU kernel for this op: the stock composition
-        from .kernels.cpu import native
-
-        native()                    # explicit request: a build failure is an error, not a fallback
+        if not native_cpu_available():  # explicit request: a failed build is an error, not a fallback
+            raise RuntimeError(f"backend 'cpu': the native CPU kernels did not build "
+                               f"({_native_cpu['error']})")
         return "cpu"
     if name not in native_ops:
         raise ValueError(f"backend {name!r} has no kernel for this op yet (available: "

@@ -213,12 +213,23 @@ def _torch_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
     return total.permute(0, 2, 3, 1).reshape(B, H * W, D)
 
 
-def _cpu_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+@torch.library.custom_op("segformer_fast::upsample_sum_cpu", mutates_args=())
+def _upsample_sum_cpu(maps: list[Tensor], hws: list[int], size: list[int], bias: Optional[Tensor],
+                      scale: Optional[Tensor], shift: Optional[Tensor], relu: bool) -> Tensor:
+    # a custom op, so torch.compile keeps the native call in its graph instead of breaking there
     from ..kernels.cpu import native
 
-    f32 = [None if t is None else t.detach().float().contiguous() for t in (bias, scale, shift)]
-    flat = [s for hw in hws for s in hw]
-    return native().upsample_sum_forward([m.contiguous() for m in maps], flat, size[0], size[1], *f32, relu)
+    f32 = [None if t is None else t.float().contiguous() for t in (bias, scale, shift)]
+    return native().upsample_sum_forward([m.contiguous() for m in maps], hws, size[0], size[1], *f32, relu)
+
+
+@_upsample_sum_cpu.register_fake
+def _(maps, hws, size, bias, scale, shift, relu):
+    return maps[0].new_empty(maps[0].shape[0], size[0] * size[1], maps[0].shape[2])
+
+
+def _cpu_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+    return _upsample_sum_cpu(list(maps), [s for hw in hws for s in hw], list(size), bias, scale, shift, relu)
 
 
 def upsample_sum(maps: Sequence[Tensor], hws: Sequence[tuple[int, int]], size: tuple[int, int],
