@@ -167,7 +167,7 @@ class _MMSegPatchEmbed(nn.Module):
 
     def __init__(self, cin, cout, k, s, p):
         super().__init__()
-        self.adaptive_padding = None
+        self.adap_padding = None          # mmseg names it so; set only for padding="corner"
         self.projection = nn.Conv2d(cin, cout, k, s, p)
         self.norm = nn.LayerNorm(cout, eps=1e-6)
 
@@ -324,3 +324,12 @@ def test_cost_model_sane():
             assert c["fused"].bytes < c["reference"].bytes
             assert c["roofline_speedup"] >= 1.0
             assert c["fused"].flops >= c["reference"].flops > 0
+
+
+def test_mmseg_adaptive_padding_is_refused():
+    from segformer_fast.nn import FusedOverlapPatchEmbed
+
+    m = _MMSegPatchEmbed(3, 16, 7, 4, 3)
+    m.adap_padding = nn.ZeroPad2d(1)        # stand-in for mmseg's AdaptivePadding module
+    with pytest.raises(ValueError, match="adaptive padding"):
+        FusedOverlapPatchEmbed.from_module(m)

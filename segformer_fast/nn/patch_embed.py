@@ -44,7 +44,7 @@ def _check_supported(m: nn.Module, conv: nn.Conv2d, norm: nn.LayerNorm) -> None:
         why.append(f"padding={conv.padding!r} mode={conv.padding_mode}")
     if tuple(norm.normalized_shape) != (conv.out_channels,):
         why.append(f"LayerNorm over {tuple(norm.normalized_shape)} != ({conv.out_channels},)")
-    if getattr(m, "adaptive_padding", None) is not None:     # mmseg PatchEmbed(padding="corner")
+    if getattr(m, "adap_padding", None) is not None:         # mmseg PatchEmbed(padding="corner")
         why.append("adaptive padding")
     if why:
         raise ValueError(f"{type(m).__name__} cannot be fused: {', '.join(why)}")
