@@ -60,8 +60,11 @@ def stock(maps, hws, size, bias, scale, shift):
 
 
 OP_IMPLS = {
+    # the fused kernel of the device: Triton on CUDA, the native C++ kernel on CPU (whose calls
+    # that need gradients take the torch composition)
     "fused": lambda maps, hws, size, *p: upsample_sum(
-        maps, hws, size, *p, relu=True, backend="triton" if maps[0].is_cuda else "torch"),
+        maps, hws, size, *p, relu=True, backend="triton" if maps[0].is_cuda else "cpu"),
+    "torch": lambda maps, hws, size, *p: upsample_sum(maps, hws, size, *p, relu=True, backend="torch"),
     "reference": lambda maps, hws, size, *p: reference.upsample_sum(maps, hws, size, *p, relu=True),
     "stock": stock,
 }

@@ -38,7 +38,8 @@ def _digest(paths: list[Path], flags: tuple[str, ...]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("-O3",)):
+def load(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("-O3",),
+         extra_ldflags: tuple[str, ...] = ()):
     """Build (once) and import the extension ``name`` from ``sources`` (paths relative to csrc/)."""
     if not CSRC.is_dir():
         raise RuntimeError(f"segformer_fast: native sources not found at {CSRC}; install from a "
@@ -46,12 +47,13 @@ def load(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("
     from torch.utils import cpp_extension
 
     paths = [CSRC / s for s in sources]
-    build_dir = cache_root() / f"{name}-{_digest(paths, extra_cflags)}"
+    build_dir = cache_root() / f"{name}-{_digest(paths, extra_cflags + extra_ldflags)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=[str(p) for p in paths],
         extra_cflags=list(extra_cflags),
+        extra_ldflags=list(extra_ldflags),
         extra_include_paths=[str(CSRC)],
         build_directory=str(build_dir),
         verbose=os.environ.get("SEGFORMER_FAST_VERBOSE_BUILD") == "1",

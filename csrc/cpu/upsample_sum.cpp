@@ -92,12 +92,16 @@ torch::Tensor upsample_sum_forward(const std::vector<torch::Tensor>& maps, const
         const float wy0 = ys[i].w0[y], wy1 = ys[i].w1[y];
         const Axis& ax = xs[i];
         for (int64_t x = 0; x < W; ++x) {
-          const float* p00 = r0 + ax.i0[x] * D; const float* p01 = r0 + ax.i1[x] * D;
-          const float* p10 = r1 + ax.i0[x] * D; const float* p11 = r1 + ax.i1[x] * D;
+          // __restrict__: the output row never aliases the sources, which lets the compiler
+          // vectorise the channel loops
+          const float* __restrict__ p00 = r0 + ax.i0[x] * D;
+          const float* __restrict__ p01 = r0 + ax.i1[x] * D;
+          const float* __restrict__ p10 = r1 + ax.i0[x] * D;
+          const float* __restrict__ p11 = r1 + ax.i1[x] * D;
           // same association as PyTorch: h-lambda outside, w-lambda inside
           const float a00 = wy0 * ax.w0[x], a01 = wy0 * ax.w1[x];
           const float a10 = wy1 * ax.w0[x], a11 = wy1 * ax.w1[x];
-          float* q = o + x * D;
+          float* __restrict__ q = o + x * D;
           if (i == 0) {
             for (int64_t d = 0; d < D; ++d) q[d] = a00 * p00[d] + a01 * p01[d] + a10 * p10[d] + a11 * p11[d];
           } else {
