@@ -3,6 +3,7 @@ from .._lazy import lazy_getattr
 
 _TABLE = {
     "FusedOverlapPatchEmbed": ".patch_embed",
+    "FusedOverlapPatchEmbedNCHW": ".patch_embed",
     "FusedEfficientAttention": ".attention",
     "FusedMixFFN": ".mix_ffn",
     "FusedDecodeHead": ".decode_head",

@@ -11,17 +11,19 @@ from torch import Tensor
 
 from ..ops.conv_layernorm import conv_layernorm
 
-__all__ = ["FusedOverlapPatchEmbed", "FusedSequenceReduction", "LAYOUTS"]
+__all__ = ["FusedOverlapPatchEmbed", "FusedOverlapPatchEmbedNCHW", "FusedSequenceReduction", "LAYOUTS"]
 
 # layout name -> (conv attribute, norm attribute, what forward returns)
 #   "tokens_h_w": (tokens, H, W)        NVlabs / seed / our model, HF <= 5.8 and >= 5.9 patch embeddings
 #   "tokens_hw":  (tokens, (H, W))      mmseg 1.x PatchEmbed
 #   "tokens":     tokens                HF >= 5.9 SegformerSequenceReduction (input: tokens, H, W)
+#   "nchw":       (B, C, H', W') map    segmentation_models_pytorch's OverlapPatchEmbed
 LAYOUTS = {
     "nvlabs": ("proj", "norm", "tokens_h_w"),
     "hf": ("proj", "layer_norm", "tokens_h_w"),
     "mmseg": ("projection", "norm", "tokens_hw"),
     "hf_sequence_reduction": ("sequence_reduction", "layer_norm", "tokens"),
+    "smp": ("proj", "norm", "nchw"),
 }
 
 
@@ -96,6 +98,22 @@ class FusedOverlapPatchEmbed(_ConvLayerNorm):
         if self._returns == "tokens_hw":
             return y, (H, W)
         return y, H, W
+
+
+class FusedOverlapPatchEmbedNCHW(FusedOverlapPatchEmbed):
+    """The same fused patch embedding for codebases whose module returns the normalised *map*
+    (segmentation_models_pytorch: ``proj`` conv, then a LayerNorm applied to the NCHW output).
+
+    Returns a (B, C, H', W') view of the tokens — channels-last memory, no copy — which the next
+    block's ``flatten(2).transpose(1, 2)`` turns back into contiguous tokens, again without a copy.
+    It is chosen by the ecosystem adapter (the attribute names match NVlabs', the return does not).
+    """
+
+    _candidates = ("smp",)
+
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        y, (H, W) = self._run(x, hw)
+        return y.view(y.shape[0], H, W, y.shape[2]).permute(0, 3, 1, 2)
 
 
 class FusedSequenceReduction(_ConvLayerNorm):

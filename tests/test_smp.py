@@ -1,0 +1,165 @@
+"""segmentation_models_pytorch's MiT encoder, through stand-ins.
+
+smp cannot be imported here (its encoders import timm, which needs a torchvision built for the
+installed torch), so these stand-ins reproduce smp's encoder conventions as its source defines
+them: blocks take and return NCHW maps, the patch embedding returns the LayerNorm-ed NCHW map
+(smp's LayerNorm accepts 4D input), attention and Mix-FFN are NVlabs' (tokens in, tokens out).
+Their ``__module__`` is smp's, which is how the adapter recognises the ecosystem.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import segformer_fast
+from segformer_fast.models.segformer import Attention, DropPath, MixFFN
+from segformer_fast.testing import init_realistic_
+
+from test_patch import grad_parts, rel_err
+
+SMP = "segmentation_models_pytorch.encoders.mix_transformer"
+
+
+class LayerNorm(nn.LayerNorm):
+    """smp's LayerNorm: normalises channels of a 4D map as well as of tokens."""
+
+    def forward(self, x):
+        if x.dim() == 4:
+            B, C, H, W = x.shape
+            y = F.layer_norm(x.view(B, C, -1).transpose(1, 2), self.normalized_shape, self.weight,
+                             self.bias, self.eps)
+            return y.transpose(1, 2).view(B, C, H, W)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class OverlapPatchEmbed(nn.Module):
+    def __init__(self, cin, dim, k, s):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, dim, k, s, k // 2)
+        self.norm = LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, sr, dpr):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, heads, sr)
+        self.drop_path = DropPath(dpr) if dpr > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim)
+        self.mlp = MixFFN(dim, 4 * dim)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        return x.transpose(1, 2).view(B, -1, H, W)
+
+
+class MixVisionTransformerEncoder(nn.Module):
+    def __init__(self, dims=(32, 64, 64, 64), heads=(1, 2, 2, 2), srs=(8, 4, 2, 1), depth=1, dpr=0.1):
+        super().__init__()
+        cin = 3
+        for i, (d, h, sr) in enumerate(zip(dims, heads, srs), start=1):
+            k, s = (7, 4) if i == 1 else (3, 2)
+            setattr(self, f"patch_embed{i}", OverlapPatchEmbed(cin, d, k, s))
+            setattr(self, f"block{i}", nn.Sequential(*[Block(d, h, sr, dpr) for _ in range(depth)]))
+            setattr(self, f"norm{i}", LayerNorm(d))
+            cin = d
+
+    def forward(self, x):
+        outs = []
+        for i in range(1, 5):
+            x = getattr(self, f"patch_embed{i}")(x)
+            x = getattr(self, f"block{i}")(x)
+            x = getattr(self, f"norm{i}")(x).contiguous()
+            outs.append(x)
+        return outs
+
+
+class SegformerDecoder(nn.Module):
+    """Only its presence matters here: the adapter must report it as skipped."""
+
+    def forward(self, feats):
+        return feats[0]
+
+
+class Segformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = MixVisionTransformerEncoder()
+        self.decoder = SegformerDecoder()
+
+    def forward(self, x):
+        return torch.cat([f.flatten(1) for f in self.encoder(x)], 1)
+
+
+for cls in (LayerNorm, OverlapPatchEmbed, Block, MixVisionTransformerEncoder, SegformerDecoder, Segformer):
+    cls.__module__ = SMP
+
+
+def _model():
+    torch.manual_seed(0)
+    return init_realistic_(Segformer(), seed=5)
+
+
+def test_smp_encoder_patched_matches():
+    model = _model()
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    report = segformer_fast.patch(model)
+    assert report.ecosystem == "segmentation_models_pytorch"
+    assert sum(".patch_embed" in p for p in report.replaced) == 4
+    assert sum(p.endswith(".attn") for p in report.replaced) == 4
+    assert sum(p.endswith(".mlp") for p in report.replaced) == 4
+    assert [p for p, _ in report.skipped] == ["decoder"]
+    assert list(model.state_dict()) == keys
+    assert segformer_fast.patch(model).replaced == []
+    x = torch.randn(2, 3, 67, 61)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) <= 1e-4
+    model.train(), ref.train()
+    grads = []
+    for m in (model, ref):
+        torch.manual_seed(7)
+        out = m(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[1].items():
+        for part, ref_part, scale in grad_parts(name, grads[0][name], g, grads[1]):
+            assert ((part - ref_part).abs().max() / scale.clamp_min(1e-12)).item() <= 1e-3, name
+    assert segformer_fast.unpatch(model) == len(report.replaced)
+
+
+def test_nchw_patch_embed_returns_a_channels_last_view():
+    from segformer_fast.nn import FusedOverlapPatchEmbedNCHW
+
+    torch.manual_seed(1)
+    pe = init_realistic_(OverlapPatchEmbed(3, 32, 7, 4), seed=2)
+    fused = FusedOverlapPatchEmbedNCHW.from_module(pe)
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        y, r = fused(x), pe(x)
+    assert y.shape == r.shape == (2, 32, 12, 16)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, r) <= 1e-5
+    tokens = y.flatten(2).transpose(1, 2)          # what smp's next block does: no copy
+    assert tokens.is_contiguous() and tokens.data_ptr() == y.data_ptr()
+
+
+def test_nvlabs_models_keep_the_token_patch_embedding():
+    from segformer_fast.models import segformer
+    from segformer_fast.nn import FusedOverlapPatchEmbed, FusedOverlapPatchEmbedNCHW
+
+    m = segformer("b0", 3)
+    segformer_fast.patch(m)
+    pe = m.backbone.patch_embed1
+    assert isinstance(pe, FusedOverlapPatchEmbed) and not isinstance(pe, FusedOverlapPatchEmbedNCHW)
+    with pytest.raises(ValueError, match="conv/LayerNorm"):
+        FusedOverlapPatchEmbedNCHW.from_module(nn.Linear(2, 2))
