@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import segformer_fast
-from segformer_fast.nn import FusedEfficientAttention, FusedMixFFN, FusedOverlapPatchEmbed
+from segformer_fast.nn import (FusedDecodeHead, FusedEfficientAttention, FusedMixFFN,
+                               FusedOverlapPatchEmbed)
 from segformer_fast.testing import init_realistic_
 
 
@@ -150,16 +151,31 @@ class ConvModule(nn.Module):
 class SegformerHead(nn.Module):
     def __init__(self, in_channels=(32, 64, 64, 64), channels=32, num_classes=5):
         super().__init__()
+        self.in_index = list(range(len(in_channels)))
+        self.align_corners = False
+        self.num_classes = num_classes
         self.convs = nn.ModuleList([ConvModule(c, channels) for c in in_channels])
         self.fusion_conv = ConvModule(channels * len(in_channels), channels)
         self.dropout = nn.Dropout2d(0.1)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
+    def _transform_inputs(self, inputs):
+        return [inputs[i] for i in self.in_index]
+
+    def cls_seg(self, feat):
+        return self.conv_seg(self.dropout(feat) if self.dropout is not None else feat)
+
+    def predict(self, inputs, img_shape):
+        # mmseg's predict: forward, then predict_by_feat resizes the logits to the image
+        return F.interpolate(self.forward(inputs), size=img_shape, mode="bilinear",
+                             align_corners=self.align_corners)
+
     def forward(self, inputs):
+        inputs = self._transform_inputs(inputs)
         size = inputs[0].shape[2:]
-        outs = [F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False)
-                for conv, x in zip(self.convs, inputs)]
-        return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, dim=1))))
+        outs = [F.interpolate(conv(x), size=size, mode="bilinear", align_corners=self.align_corners)
+                for conv, x in zip(self.convs, inputs)]           # concat in stage order
+        return self.cls_seg(self.fusion_conv(torch.cat(outs, dim=1)))
 
 
 class EncoderDecoder(nn.Module):
@@ -203,8 +219,8 @@ def check_model(model, x, backend="auto"):
     report = segformer_fast.patch(model, backend=backend)
     assert report.ecosystem == "mmseg"
     n_blocks = sum(len(stage[1]) for stage in ref.backbone.layers)
-    assert len(report.replaced) == 4 + 2 * n_blocks, str(report)
-    assert [p for p, _ in report.skipped] == ["decode_head"], str(report)
+    assert len(report.replaced) == 4 + 2 * n_blocks + 1, str(report)
+    assert report.skipped == [], str(report)
     assert list(model.state_dict()) == keys
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
@@ -212,6 +228,7 @@ def check_model(model, x, backend="auto"):
         assert isinstance(stage[0], FusedOverlapPatchEmbed)
         for block in stage[1]:
             assert isinstance(block.attn, FusedEfficientAttention) and isinstance(block.ffn, FusedMixFFN)
+    assert isinstance(model.decode_head, FusedDecodeHead)
     assert segformer_fast.patch(model, backend=backend).replaced == []
     assert list(model.state_dict()) == keys
 
@@ -393,3 +410,109 @@ def test_patch_mmseg_triton_interpreter():
         pytest.skip("needs the Triton interpreter")
     model, x = model_and_input(drop=0.1, drop_path=0.2)
     check_model(model, x, backend="triton")
+
+
+# ----------------------------------------------------------------------------- decode head
+HEAD_DIMS, HEAD_D = (32, 64, 160, 256), 64
+HEAD_HWS = [(25, 33), (13, 17), (7, 9), (4, 5)]
+
+
+def _head(dims=HEAD_DIMS, D=HEAD_D, classes=19):
+    torch.manual_seed(0)
+    return init_realistic_(SegformerHead(dims, D, classes), seed=11)   # random BN running stats
+
+
+def _head_features(dims=HEAD_DIMS, hws=HEAD_HWS, B=2):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(B, c, h, w, generator=g) for c, (h, w) in zip(dims, hws)]
+
+
+def _check_head(head, feats, backend):
+    """Eval logits, then one training step on two copies with the same seed (same Dropout2d
+    mask): every gradient, the running statistics of all 5 BNs and num_batches_tracked."""
+    head = head.eval()
+    fused = FusedDecodeHead.from_module(head, backend=backend)
+    assert list(fused.state_dict()) == list(head.state_dict())
+    assert all(p is q for p, q in zip(fused.parameters(), head.parameters()))
+    with torch.no_grad():
+        eval_err = rel_err(fused(feats), head(feats))
+    assert eval_err <= 1e-4, eval_err
+
+    a = copy.deepcopy(head).train()
+    b = FusedDecodeHead.from_module(copy.deepcopy(head).train(), backend=backend)
+    outs = []
+    for m in (b, a):
+        torch.manual_seed(7)
+        out = m(feats)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        outs.append(out.detach())
+    assert rel_err(*outs) <= 1e-4
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert list(pa) == list(pb)
+    worst = 0.0
+    for name, p in pa.items():
+        err = grad_err(name, pb[name].grad, p.grad, {n: q.grad for n, q in pa.items()})
+        assert err <= 1e-3, (name, err)
+        worst = max(worst, err)
+    ba, bb = dict(a.named_buffers()), dict(b.named_buffers())
+    assert len([n for n in ba if n.endswith("running_mean")]) == 5
+    for name, t in ba.items():
+        if t.is_floating_point():
+            assert (bb[name] - t).abs().max() <= 1e-5 * t.abs().max(), name
+        else:
+            assert torch.equal(bb[name], t) and t.item() == 1, name
+    return eval_err, worst
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_mmseg_head_eval_and_training(backend):
+    eval_err, worst = _check_head(_head(), _head_features(), None if backend == "auto" else backend)
+    print(f"\nmmseg head ({backend}): eval rel err {eval_err:.2e}, worst grad err {worst:.2e}")
+
+
+def test_mmseg_head_keeps_the_heads_methods_and_cache():
+    head = _head().eval()
+    fused = FusedDecodeHead.from_module(head, backend="torch")
+    feats = _head_features()
+    with torch.no_grad():
+        # mmseg's EncoderDecoder calls decode_head.predict: it must run the fused forward
+        torch.testing.assert_close(fused.predict(feats, (97, 131)), head.predict(feats, (97, 131)))
+        assert fused.num_classes == 19 and fused.in_index == [0, 1, 2, 3]
+        key = fused._cache_key
+        head.fusion_conv.conv.weight.mul_(1.5)             # an optimizer step: version bump
+        head.fusion_conv.bn.running_var.add_(0.25)
+        torch.testing.assert_close(fused(feats), head(feats), rtol=1e-4, atol=1e-4)
+        assert fused._cache_key != key
+    with pytest.raises(AttributeError):
+        fused.no_such_method
+    head.align_corners = True
+    with pytest.raises(TypeError, match="align_corners"):
+        FusedDecodeHead.from_module(head)
+
+
+def test_mmseg_head_flops_drop():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dims, D = (32, 64, 160, 256), 256
+    head = _head(dims, D, 150).eval()
+    fused = FusedDecodeHead.from_module(head, backend="torch")
+    feats = _head_features(dims, [(128, 128), (64, 64), (32, 32), (16, 16)], B=1)
+    flops = []
+    for m in (head, fused):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(feats)
+        flops.append(fc.get_total_flops())
+    print(f"\nmmseg head GFLOPs at 512x512: original {flops[0] / 1e9:.2f}, fused {flops[1] / 1e9:.2f}")
+    assert flops[1] < 0.5 * flops[0]
+
+
+def test_mmseg_head_triton_interpreter(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter")
+    K = pytest.importorskip("segformer_fast.kernels.triton.upsample_sum")
+    calls = []
+    fwd = K.upsample_sum_fwd
+    monkeypatch.setattr(K, "upsample_sum_fwd", lambda *a, **k: calls.append(1) or fwd(*a, **k))
+    dims = (8, 12, 16, 20)
+    _check_head(_head(dims, 16, 5), _head_features(dims, [(6, 7), (3, 4), (2, 2), (1, 1)], B=2), "triton")
+    assert len(calls) == 2              # the eval forward and the training forward ran the kernel

@@ -23,9 +23,19 @@ folded bias, eval BatchNorm and ReLU. Exact in real arithmetic, in training and 
 Source layouts are rows of ``LAYOUTS``: attribute paths of the projections, the fuse conv, BN,
 activation, dropout and classifier. The replaced module's children are re-registered under the
 same names, so Parameters are shared and ``state_dict()`` keys are identical.
+
+mmseg 1.x ``SegformerHead`` is a row too: its per-stage modules are ConvModules (1x1 conv, BN,
+ReLU), non-linear, so nothing folds *into* them; they run as the original modules at each stage's
+own resolution (``opaque_stages``) and only F_i (the stage's block of ``fusion_conv.conv``, in
+stage order: ``reversed_concat=False``) moves before the upsampling. It is a Layout row rather
+than a sibling class because everything after the per-stage GEMMs (fusion BN fold or the original
+BN in training, fused ReLU, dropout, classifier, the version-keyed cache, backend pinning) is the
+same code path; two Layout fields cover the difference (``validate`` and ``borrow_methods``
+only refuse configurations it does not reproduce and keep mmseg's loss/predict reachable).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -77,6 +87,33 @@ class Layout:
     dropout: str
     classifier: str
     prepare: Callable[[nn.Module, Sequence[Tensor]], list[Tensor]] | None = None
+    # ``proj`` names whole per-stage modules (NCHW in, D-channel NCHW out) run as-is: nothing of
+    # them is folded, only the fuse conv's column block is applied after them at low resolution
+    opaque_stages: bool = False
+    reversed_concat: bool = True     # the head concatenates [c_n, ..., c_1] (All-MLP) or [c_1, ...]
+    # raises TypeError for a head whose configuration the fused forward does not reproduce
+    validate: Callable[[nn.Module], None] | None = None
+    # keep the head's other methods (mmseg's loss/predict/cls_seg ...) and plain attributes
+    # reachable on the drop-in: mmseg's EncoderDecoder calls decode_head.predict/loss, not forward
+    borrow_methods: bool = False
+
+
+def _mmseg_prepare(head: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:
+    # mmseg's _transform_inputs for input_transform="multiple_select" (SegformerHead's)
+    index = getattr(head, "in_index", None)
+    return [inputs[i] for i in index] if isinstance(index, (list, tuple)) else list(inputs)
+
+
+def _mmseg_validate(head: nn.Module) -> None:
+    fusion = head.fusion_conv
+    order = tuple(getattr(fusion, "order", ("conv", "norm", "act")))
+    if order != ("conv", "norm", "act"):
+        raise TypeError(f"FusedDecodeHead: mmseg fusion_conv order {order} is not (conv, norm, act)")
+    if getattr(head, "align_corners", False) or getattr(head, "interpolate_mode", "bilinear") != "bilinear":
+        raise TypeError("FusedDecodeHead: mmseg SegformerHead must resize bilinearly with "
+                        "align_corners=False")
+    if getattr(head, "input_transform", "multiple_select") != "multiple_select":
+        raise TypeError("FusedDecodeHead: mmseg SegformerHead input_transform must be multiple_select")
 
 
 LAYOUTS = (
@@ -89,6 +126,10 @@ LAYOUTS = (
     Layout("hf<=5.8", lambda m: isinstance(getattr(m, "linear_c", None), nn.ModuleList),
            "linear_c.{i}.proj", 0, "linear_fuse", "batch_norm", "activation", "dropout",
            "classifier", _hf_prepare),
+    Layout("mmseg", lambda m: isinstance(m.convs, nn.ModuleList) and hasattr(m.fusion_conv, "conv"),
+           "convs.{i}", 0, "fusion_conv.conv", "fusion_conv.bn", "fusion_conv.activate", "dropout",
+           "conv_seg", _mmseg_prepare, opaque_stages=True, reversed_concat=False,
+           validate=_mmseg_validate, borrow_methods=True),
 )
 
 
@@ -105,7 +146,8 @@ def _detect(m: nn.Module) -> Layout:
 
 class FusedDecodeHead(nn.Module):
     """Drop-in SegFormer All-MLP head (NVlabs/seed/ours, HF <= 5.8, HF >= 5.9) with
-    ``linear_fuse`` folded into the per-stage projections and the H/4 epilogue fused.
+    ``linear_fuse`` folded into the per-stage projections and the H/4 epilogue fused; for mmseg
+    1.x ``SegformerHead`` only ``fusion_conv``'s 1x1 conv moves before the upsampling.
 
     Build it with ``FusedDecodeHead.from_module(head, backend=None)``; ``forward`` takes the same
     arguments as the replaced head (the list of 4 stage features, NCHW) and returns its logits
@@ -114,9 +156,18 @@ class FusedDecodeHead(nn.Module):
 
     def __init__(self, head: nn.Module, layout: Layout, backend: str | None = None):
         super().__init__()
+        if layout.validate is not None:
+            layout.validate(head)
         adopt(self, head)
         if hasattr(head, "config"):
             self.config = head.config
+        if layout.borrow_methods:
+            # plain attributes (in_index, num_classes, align_corners, sampler ...) are shared
+            # values; nn.Module's own state (underscored, training) is not copied
+            for k, v in vars(head).items():
+                if not k.startswith("_") and k != "training" and k not in vars(self):
+                    self.__dict__[k] = v
+        self.__dict__["_borrow_cls"] = type(head) if layout.borrow_methods else None
         self.layout = layout
         self.backend = backend
         self.training = head.training       # children keep their own modes (shared modules)
@@ -134,7 +185,7 @@ class FusedDecodeHead(nn.Module):
                 or getattr(fuse, "groups", 1) != 1):
             raise TypeError(f"FusedDecodeHead: linear_fuse must be a 1x1 conv {n}*D -> D, got weight "
                             f"{tuple(fuse.weight.shape)}")
-        for proj in self._projections():
+        for proj in [] if layout.opaque_stages else self._projections():
             if not isinstance(proj, nn.Linear) or proj.weight.shape[0] != D:
                 raise TypeError(f"FusedDecodeHead: stage projections must be nn.Linear(C_i, {D}), got "
                                 f"{proj}")
@@ -148,6 +199,19 @@ class FusedDecodeHead(nn.Module):
         if isinstance(m, FusedDecodeHead):
             return m
         return cls(m, _detect(m), backend)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            cls = self.__dict__.get("_borrow_cls")
+            if cls is None or name.startswith("__"):
+                raise
+            # the replaced head's plain methods, bound to the drop-in: their self.forward is ours
+            fn = inspect.getattr_static(cls, name, None)
+            if inspect.isfunction(fn):
+                return fn.__get__(self, type(self))
+            raise
 
     # -------------------------------------------------------------------- pieces of the head
     def _projections(self) -> list[nn.Linear]:
@@ -170,7 +234,7 @@ class FusedDecodeHead(nn.Module):
     # -------------------------------------------------------------------- folding
     def _sources(self) -> list[Tensor]:
         ts = []
-        for p in self._projections():
+        for p in [] if self.layout.opaque_stages else self._projections():
             ts += [p.weight, p.bias]
         fuse = self._fuse_conv()
         ts += [fuse.weight, fuse.bias]
@@ -203,7 +267,11 @@ class FusedDecodeHead(nn.Module):
             bias = shift if bias is None else bias.to(acc) * scale + shift
         stages = []
         for i, proj in enumerate(self._projections()):
-            blk = fw[:, (n - 1 - i) * D:(n - i) * D]           # concat order is [c_n, ..., c_1]
+            j = n - 1 - i if self.layout.reversed_concat else i    # stage i's block of the concat
+            blk = fw[:, j * D:(j + 1) * D]
+            if self.layout.opaque_stages:
+                stages.append(("f", blk.to(dtype)))   # applied to the stage module's output
+                continue
             C = proj.weight.shape[1]
             if tokens_per_stage is None or C < tokens_per_stage[i]:
                 stages.append(("w", (blk @ proj.weight.to(blk.dtype)).to(dtype)))
@@ -246,13 +314,20 @@ class FusedDecodeHead(nn.Module):
         H, W = features[0].shape[-2:]
         stages, bias, bn_folded = self._folded(features)
         maps, hws = [], []
-        for i, (f, st) in enumerate(zip(features, stages)):
+        modules = self._projections() if self.layout.opaque_stages else [None] * len(stages)
+        for i, (f, st, mod) in enumerate(zip(features, stages, modules)):
+            if mod is not None:
+                # the original stage module (its BN: batch statistics, running-buffer updates)
+                f = mod(f)
+                if f.dim() != 4 or f.shape[1] != bias.shape[0]:
+                    raise ValueError(f"FusedDecodeHead: stage module {i} must return (B, "
+                                     f"{bias.shape[0]}, H, W), got {tuple(f.shape)}")
             tokens = f.flatten(2).transpose(1, 2)               # (B, HW, C) view of NCHW
             # The whole folded bias rides on the last (smallest) stage's GEMM for free: bilinear
             # weights sum to one, so upsampling carries a constant through unchanged, and no
             # full-resolution pass is spent adding it.
             b = bias if i == len(stages) - 1 else None
-            if st[0] == "w":
+            if st[0] in ("w", "f"):
                 y = F.linear(tokens, st[1], b)
             else:
                 y = F.linear(F.linear(tokens, st[1]), st[2], b)

@@ -8,11 +8,11 @@ nn.MultiheadAttention as ``attn``) and ffn (holding ``layers``), norm]``. Replac
   one built with adaptive ("corner") padding is left alone and reported;
 - ``attn`` ``EfficientMultiheadAttention`` -> ``FusedEfficientAttention`` (mmseg layout: Q and
   packed K/V as slices of ``in_proj_weight``, residual and ``dropout_layer`` inside);
-- ``ffn`` ``MixFFN`` -> ``FusedMixFFN`` (mmseg layout: 1x1-conv weights viewed as linear weights).
-
-Left alone and reported: mmseg's ``SegformerHead``. Its per-stage ``ConvModule`` (conv + BN +
-ReLU) stops the per-stage projections from being folded into ``fusion_conv``; only the
-fusion conv could be moved before the upsampling, and that is not implemented yet.
+- ``ffn`` ``MixFFN`` -> ``FusedMixFFN`` (mmseg layout: 1x1-conv weights viewed as linear weights);
+- ``decode_head`` ``SegformerHead`` -> ``FusedDecodeHead`` (mmseg layout): the per-stage
+  ``ConvModule`` (conv + BN + ReLU) is non-linear and runs as-is, but ``fusion_conv``'s 1x1 conv
+  moves before the upsampling (one D x D GEMM per stage at its own resolution instead of 4D -> D
+  at H/4); the head's other methods (``loss``, ``predict``, ``cls_seg``) stay reachable.
 
 Tested against stand-in modules written from mmseg 1.x's source semantics (same attribute names,
 same forward arithmetic and RNG order), not against mmseg itself: mmseg needs mmcv's compiled
@@ -55,6 +55,7 @@ RULES = [
     (lambda m: _patch_embed(m) and not _adaptive_padding(m), _nn("FusedOverlapPatchEmbed")),
     (_attention, _nn("FusedEfficientAttention")),
     (_mix_ffn, _nn("FusedMixFFN")),
+    (_head, _nn("FusedDecodeHead")),
 ]
 
 
@@ -86,6 +87,3 @@ def skipped(model: nn.Module):
     for path, m in model.named_modules():
         if _patch_embed(m) and _adaptive_padding(m):
             yield path, "PatchEmbed with adaptive padding: left to stock PyTorch"
-        elif _head(m):
-            yield path, ("mmseg SegformerHead (per-stage conv+BN+ReLU, fusion_conv): not fused yet; "
-                         "only fusion_conv could move before the upsampling")
