@@ -232,3 +232,32 @@ def test_cost_model_sane():
             assert fused.bytes < ref.bytes and fused.flops < ref.flops
             assert c["bytes_ratio"] > 3 and c["roofline_speedup"] > 3
             print(ref, "|", fused)
+
+
+def test_replaced_head_keeps_its_other_methods_and_attributes():
+    """NVlabs' mmseg-0.x EncoderDecoder calls decode_head.forward_test/forward_train, mmseg 1.x
+    predict/loss: they must stay reachable on the drop-in and run the fused forward."""
+
+    class HeadWithAPI(SegFormerHead):
+        def forward_test(self, inputs, img_metas=None, test_cfg=None):
+            return self.forward(inputs)
+
+    torch.manual_seed(0)
+    head = init_realistic_(HeadWithAPI([8, 16, 24, 32], 16, 5), seed=1).eval()
+    head.align_corners = False
+    fused = FusedDecodeHead.from_module(head)
+    calls = []
+    original_forward = FusedDecodeHead.forward
+    feats = [torch.randn(2, c, s, s + 1) for c, s in zip([8, 16, 24, 32], [12, 6, 3, 2])]
+    try:
+        FusedDecodeHead.forward = lambda self, *a, **k: calls.append(1) or original_forward(self, *a, **k)
+        with torch.no_grad():
+            out = fused.forward_test(feats)
+    finally:
+        FusedDecodeHead.forward = original_forward
+    assert calls, "the borrowed method must call the fused forward"
+    with torch.no_grad():
+        torch.testing.assert_close(out, head(feats), rtol=1e-4, atol=1e-4 * head(feats).abs().max().item())
+    assert fused.align_corners is False and fused.in_dims == [8, 16, 24, 32]
+    with pytest.raises(AttributeError):
+        fused.no_such_method

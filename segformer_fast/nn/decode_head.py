@@ -30,8 +30,11 @@ own resolution (``opaque_stages``) and only F_i (the stage's block of ``fusion_c
 stage order: ``reversed_concat=False``) moves before the upsampling. It is a Layout row rather
 than a sibling class because everything after the per-stage GEMMs (fusion BN fold or the original
 BN in training, fused ReLU, dropout, classifier, the version-keyed cache, backend pinning) is the
-same code path; two Layout fields cover the difference (``validate`` and ``borrow_methods``
-only refuse configurations it does not reproduce and keep mmseg's loss/predict reachable).
+same code path; ``validate`` refuses configurations the fused forward does not reproduce.
+
+Every drop-in head keeps the replaced head's other methods and plain attributes reachable
+(mmseg 1.x's EncoderDecoder calls ``decode_head.predict``/``loss``, NVlabs' mmseg 0.x calls
+``forward_train``/``forward_test``; both end in ``self.forward``, which is then ours).
 """
 from __future__ import annotations
 
@@ -93,9 +96,6 @@ class Layout:
     reversed_concat: bool = True     # the head concatenates [c_n, ..., c_1] (All-MLP) or [c_1, ...]
     # raises TypeError for a head whose configuration the fused forward does not reproduce
     validate: Callable[[nn.Module], None] | None = None
-    # keep the head's other methods (mmseg's loss/predict/cls_seg ...) and plain attributes
-    # reachable on the drop-in: mmseg's EncoderDecoder calls decode_head.predict/loss, not forward
-    borrow_methods: bool = False
 
 
 def _mmseg_prepare(head: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -129,7 +129,7 @@ LAYOUTS = (
     Layout("mmseg", lambda m: isinstance(m.convs, nn.ModuleList) and hasattr(m.fusion_conv, "conv"),
            "convs.{i}", 0, "fusion_conv.conv", "fusion_conv.bn", "fusion_conv.activate", "dropout",
            "conv_seg", _mmseg_prepare, opaque_stages=True, reversed_concat=False,
-           validate=_mmseg_validate, borrow_methods=True),
+           validate=_mmseg_validate),
 )
 
 
@@ -161,13 +161,12 @@ class FusedDecodeHead(nn.Module):
         adopt(self, head)
         if hasattr(head, "config"):
             self.config = head.config
-        if layout.borrow_methods:
-            # plain attributes (in_index, num_classes, align_corners, sampler ...) are shared
-            # values; nn.Module's own state (underscored, training) is not copied
-            for k, v in vars(head).items():
-                if not k.startswith("_") and k != "training" and k not in vars(self):
-                    self.__dict__[k] = v
-        self.__dict__["_borrow_cls"] = type(head) if layout.borrow_methods else None
+        # plain attributes (in_index, num_classes, align_corners, sampler ...) are shared values;
+        # nn.Module's own state (underscored, training) is not copied
+        for k, v in vars(head).items():
+            if not k.startswith("_") and k != "training" and k not in vars(self):
+                self.__dict__[k] = v
+        self.__dict__["_borrow_cls"] = type(head)
         self.layout = layout
         self.backend = backend
         self.training = head.training       # children keep their own modes (shared modules)
