@@ -82,24 +82,16 @@ class MixVisionTransformerEncoder(nn.Module):
         return outs
 
 
-class SegformerDecoder(nn.Module):
-    """Only its presence matters here: the adapter must report it as skipped."""
-
-    def forward(self, feats):
-        return feats[0]
-
-
 class Segformer(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = MixVisionTransformerEncoder()
-        self.decoder = SegformerDecoder()
 
     def forward(self, x):
         return torch.cat([f.flatten(1) for f in self.encoder(x)], 1)
 
 
-for cls in (LayerNorm, OverlapPatchEmbed, Block, MixVisionTransformerEncoder, SegformerDecoder, Segformer):
+for cls in (LayerNorm, OverlapPatchEmbed, Block, MixVisionTransformerEncoder, Segformer):
     cls.__module__ = SMP
 
 
@@ -117,7 +109,7 @@ def test_smp_encoder_patched_matches():
     assert sum(".patch_embed" in p for p in report.replaced) == 4
     assert sum(p.endswith(".attn") for p in report.replaced) == 4
     assert sum(p.endswith(".mlp") for p in report.replaced) == 4
-    assert [p for p, _ in report.skipped] == ["decoder"]
+    assert not report.skipped
     assert list(model.state_dict()) == keys
     assert segformer_fast.patch(model).replaced == []
     x = torch.randn(2, 3, 67, 61)
@@ -163,3 +155,77 @@ def test_nvlabs_models_keep_the_token_patch_embedding():
     assert isinstance(pe, FusedOverlapPatchEmbed) and not isinstance(pe, FusedOverlapPatchEmbedNCHW)
     with pytest.raises(ValueError, match="conv/LayerNorm"):
         FusedOverlapPatchEmbedNCHW.from_module(nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- smp's own source (tests/smp_source.py)
+class SmpSegformer(nn.Module):
+    """smp.Segformer's composition: encoder -> SegformerDecoder -> SegmentationHead (x4 upsampling)."""
+
+    def __init__(self, smp, variant="mit_b0", classes=7, seg_channels=256):
+        super().__init__()
+        mt = smp["mix_transformer"]
+        spec = mt.mix_transformer_encoders[variant]
+        self.encoder = spec["encoder"](depth=5, **spec["params"])
+        self.decoder = smp["decoder"].SegformerDecoder(self.encoder.out_channels, 5, seg_channels)
+        self.segmentation_head = smp["heads"].SegmentationHead(seg_channels, classes, kernel_size=1,
+                                                               upsampling=4)
+
+    def forward(self, x):
+        return self.segmentation_head(self.decoder(self.encoder(x)))
+
+
+@pytest.fixture(scope="module")
+def smp():
+    from smp_source import load
+
+    return load()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 97, 131), (1, 3, 64, 96)])
+def test_real_smp_segformer_patched_matches(smp, shape):
+    torch.manual_seed(0)
+    model = init_realistic_(SmpSegformer(smp), seed=3)
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    report = segformer_fast.patch(model)
+    assert report.ecosystem == "segmentation_models_pytorch" and not report.skipped, str(report)
+    assert "decoder" in report.replaced
+    assert len(report.replaced) == 4 + 8 + 8 + 1
+    assert list(model.state_dict()) == keys
+    assert segformer_fast.patch(model).replaced == []
+    x = torch.randn(*shape)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        a, b = model(x), ref(x)
+    assert a.shape == b.shape and rel_err(a, b) <= 1e-4, rel_err(a, b)
+    model.train(), ref.train()
+    grads = []
+    for m in (model, ref):
+        torch.manual_seed(11)                          # same DropPath draws
+        out = m(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[1].items():
+        for part, ref_part, scale in grad_parts(name, grads[0][name], g, grads[1]):
+            err = ((part - ref_part).abs().max() / scale.clamp_min(1e-12)).item()
+            assert err <= 1e-3, f"{name}: {err:.2e}"
+    for (n, s), (_, t) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(s, t, msg=n)
+
+
+def test_real_smp_decoder_flops_drop(smp):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from segformer_fast.nn import FusedDecodeHead
+
+    torch.manual_seed(0)
+    dec = smp["decoder"].SegformerDecoder([3, 0, 32, 64, 160, 256], 5, 256).eval()
+    feats = [torch.randn(1, 3, 512, 512), torch.empty(1, 0, 256, 256)] + [
+        torch.randn(1, c, 512 // s, 512 // s) for c, s in zip([32, 64, 160, 256], [4, 8, 16, 32])]
+    fused = FusedDecodeHead.from_module(dec).eval()
+    counts = []
+    for m in (dec, fused):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(feats)
+        counts.append(fc.get_total_flops())
+    assert counts[1] < 0.25 * counts[0], counts

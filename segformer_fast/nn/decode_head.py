@@ -96,6 +96,10 @@ class Layout:
     reversed_concat: bool = True     # the head concatenates [c_n, ..., c_1] (All-MLP) or [c_1, ...]
     # raises TypeError for a head whose configuration the fused forward does not reproduce
     validate: Callable[[nn.Module], None] | None = None
+    # ``proj`` entry 0 belongs to the deepest stage (smp), not to stage 1
+    proj_deepest_first: bool = False
+    # output size from the head's raw arguments, when it is not stage 1's size (smp: input // 4)
+    output_size: Callable[[Sequence[Tensor]], tuple[int, int]] | None = None
 
 
 def _mmseg_prepare(head: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -116,6 +120,17 @@ def _mmseg_validate(head: nn.Module) -> None:
         raise TypeError("FusedDecodeHead: mmseg SegformerHead input_transform must be multiple_select")
 
 
+def _smp_prepare(head: nn.Module, features: Sequence[Tensor]) -> list[Tensor]:
+    # smp passes [image, (a 0-channel placeholder,) stage 1, ..., stage n]
+    return list(features[2:] if features[1].shape[1] == 0 else features[1:])
+
+
+def _smp_output_size(features: Sequence[Tensor]) -> tuple[int, int]:
+    # smp resizes every stage to the *input's* size // 4, which differs from stage 1's size when
+    # the input is not a multiple of 4 (e.g. 97 -> 24, stage 1 has 25)
+    return features[0].shape[2] // 4, features[0].shape[3] // 4
+
+
 LAYOUTS = (
     Layout("nvlabs", lambda m: hasattr(m, "linear_c1") and hasattr(_get(m, "linear_fuse"), "conv"),
            "linear_c{i}.proj", 1, "linear_fuse.conv", "linear_fuse.bn", "linear_fuse.activate",
@@ -130,6 +145,12 @@ LAYOUTS = (
            "convs.{i}", 0, "fusion_conv.conv", "fusion_conv.bn", "fusion_conv.activate", "dropout",
            "conv_seg", _mmseg_prepare, opaque_stages=True, reversed_concat=False,
            validate=_mmseg_validate),
+    # segmentation_models_pytorch SegformerDecoder: mlp_stage[0] projects the deepest stage, the
+    # concat is deepest first like the All-MLP head, fuse_stage = (conv, norm, ReLU), and the
+    # output is the fused feature (its classifier lives in the model's segmentation_head)
+    Layout("smp", lambda m: hasattr(m, "mlp_stage") and hasattr(m, "fuse_stage"),
+           "mlp_stage.{i}.linear", 0, "fuse_stage.0", "fuse_stage.1", "fuse_stage.2", "", "",
+           _smp_prepare, proj_deepest_first=True, output_size=_smp_output_size),
 )
 
 
@@ -214,8 +235,10 @@ class FusedDecodeHead(nn.Module):
 
     # -------------------------------------------------------------------- pieces of the head
     def _projections(self) -> list[nn.Linear]:
-        return [_get(self, self.layout.proj.format(i=self.layout.first_stage + k))
-                for k in range(self.num_stages)]
+        """Per-stage projections in stage order (stage 1 first)."""
+        n, lay = self.num_stages, self.layout
+        return [_get(self, lay.proj.format(i=lay.first_stage + (n - 1 - k if lay.proj_deepest_first else k)))
+                for k in range(n)]
 
     def _fuse_conv(self) -> nn.Module:
         return _get(self, self.layout.fuse)
@@ -299,6 +322,7 @@ class FusedDecodeHead(nn.Module):
     def forward(self, features=None, **kwargs) -> Tensor:
         if features is None:
             features = kwargs.pop("encoder_hidden_states")
+        size = self.layout.output_size(features) if self.layout.output_size is not None else None
         if self.layout.prepare is not None:
             features = self.layout.prepare(self, features)
         features = list(features)
@@ -310,7 +334,7 @@ class FusedDecodeHead(nn.Module):
                 raise ValueError(f"FusedDecodeHead: feature {i} must be NCHW (B, C, H, W), got shape "
                                  f"{tuple(f.shape)}")
         B = features[-1].shape[0]
-        H, W = features[0].shape[-2:]
+        H, W = size if size is not None else features[0].shape[-2:]
         stages, bias, bn_folded = self._folded(features)
         maps, hws = [], []
         modules = self._projections() if self.layout.opaque_stages else [None] * len(stages)
@@ -348,7 +372,8 @@ class FusedDecodeHead(nn.Module):
             # interpolate, concat and the 1x1 conv channels-last), so even element-wise
             # nn.Dropout draws the same mask from the same seed
             x = drop(x)
-        return _get(self, self.layout.classifier)(x)
+        classifier = self._part(self.layout.classifier)
+        return x if classifier is None else classifier(x)   # smp classifies outside the decoder
 
     def extra_repr(self) -> str:
         return f"layout={self.layout.name}, stages={self.num_stages}, backend={self.backend}"

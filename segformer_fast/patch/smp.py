@@ -2,11 +2,12 @@
 
 smp copies NVlabs' ``Attention`` and ``Mlp`` unchanged (tokens in, tokens out), so those are
 replaced as for NVlabs. Its ``OverlapPatchEmbed`` has NVlabs' attribute names but returns the
-normalised NCHW map: it gets ``FusedOverlapPatchEmbedNCHW``. Its Segformer decoder is a different
-head (reversed MLPs sized from the input, ``Conv2dReLU`` fuse, a separate segmentation head): it
-is left alone and reported as skipped.
-Only stand-ins are tested (tests/test_smp.py): smp's encoders import timm, which needs a
-torchvision built for the installed torch (see README).
+normalised NCHW map: it gets ``FusedOverlapPatchEmbedNCHW``. Its ``SegformerDecoder`` is an
+All-MLP head with other conventions (projections listed deepest first, output size = input // 4,
+no classifier): ``FusedDecodeHead``'s "smp" layout folds it the same way.
+smp cannot be imported beside a CPU torch (its encoders import timm, which needs a matching
+torchvision), so tests/test_smp.py runs smp's own source files with a three-name stand-in for
+``timm.layers`` (see tests/smp_source.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ RULES = [
     (_patch_embed, _nn("FusedOverlapPatchEmbedNCHW")),
     (_attention, _nn("FusedEfficientAttention")),
     (_mix_ffn, _nn("FusedMixFFN")),
+    (lambda m: hasattr(m, "mlp_stage") and hasattr(m, "fuse_stage"), _nn("FusedDecodeHead")),
 ]
 
 
@@ -32,10 +34,3 @@ def matches(model: nn.Module) -> bool:
 def targets(model: nn.Module):
     return walk(model, RULES)
 
-
-def skipped(model: nn.Module):
-    """Modules smp users might expect to be fused, with the reason they are not."""
-    for path, m in model.named_modules():
-        name = type(m).__name__
-        if name == "SegformerDecoder":
-            yield path, "smp's Segformer decoder differs from the All-MLP head: not fused yet"
