@@ -37,6 +37,12 @@ def demo(args) -> int:
     _say(f"building Hugging Face SegFormer-{variant.upper()} (random weights at trained scale, seed "
          f"{args.seed}) on {device}, input {args.batch}x3x{args.size}x{args.size}, fp32")
     hf = hf_segformer(variant, seed=args.seed).to(device)
+    if device == "cpu" and args.backend in ("auto", "cpu"):
+        _say("preparing the native CPU kernels (the first run on a machine compiles them, ~30 s)...")
+        t0 = time.perf_counter()
+        ok = segformer_fast.backends.native_cpu_available()
+        _say(f"  {'ready' if ok else 'unavailable: stock PyTorch compositions will run'} "
+             f"({time.perf_counter() - t0:.1f} s)")
     patched = copy.deepcopy(hf)
     report = segformer_fast.patch(patched, backend=args.backend)
     kernels = {"triton": "Triton kernels", "cpu": "native CPU kernels where they exist + stock PyTorch ops",
