@@ -59,11 +59,15 @@ def stock(maps, hws, size, bias, scale, shift):
     return y.flatten(2).transpose(1, 2)
 
 
+def _fused_backend(device: torch.device) -> str:
+    """The fused path of the device: Triton on CUDA, the native C++ kernel on CPU (whose calls that
+    need gradients take the torch composition) — what ``auto`` runs in a patched model."""
+    return "triton" if device.type == "cuda" else "cpu"
+
+
 OP_IMPLS = {
-    # the fused kernel of the device: Triton on CUDA, the native C++ kernel on CPU (whose calls
-    # that need gradients take the torch composition)
-    "fused": lambda maps, hws, size, *p: upsample_sum(
-        maps, hws, size, *p, relu=True, backend="triton" if maps[0].is_cuda else "cpu"),
+    "fused": lambda maps, hws, size, *p: upsample_sum(maps, hws, size, *p, relu=True,
+                                                      backend=_fused_backend(maps[0].device)),
     "torch": lambda maps, hws, size, *p: upsample_sum(maps, hws, size, *p, relu=True, backend="torch"),
     "reference": lambda maps, hws, size, *p: reference.upsample_sum(maps, hws, size, *p, relu=True),
     "stock": stock,
@@ -117,8 +121,7 @@ def _run_head(benchmark, impl, shape, device, dtype, training):
     dims, _, D = VARIANTS[variant]
     head = init_realistic_(SegFormerHead(dims, D, 150), seed=1).to(device, dtype).train(training)
     if impl == "fused":
-        head = FusedDecodeHead.from_module(copy.deepcopy(head), backend="triton" if device.type == "cuda"
-                                           else "torch")
+        head = FusedDecodeHead.from_module(copy.deepcopy(head), backend=_fused_backend(device))
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(B, c, h, w, generator=g).to(device, dtype)
              for c, (h, w) in zip(dims, stage_sizes(side, side))]
