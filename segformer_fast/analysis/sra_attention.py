@@ -59,8 +59,8 @@ def sra_attention_cost(B: int, N: int, M: int, C: int, num_heads: int,
     fused_flops = 4 * mnk + 5 * S
     if backward:
         if splits is None:
-            from ..kernels.triton.sra_attention import dkdv_splits, kernel_config
-            cfg = kernel_config("dkdv", C // h, dtype)
+            from ..kernels.triton.sra_attention import dkdv_splits, launch_config
+            cfg = launch_config("dkdv", C // h, dtype)
             splits = dkdv_splits(N, M, B * h, cfg["BLOCK_N"], cfg["BLOCK_M"])
         ref_bytes += (2 * q * e                         # dO transpose copy
                       + S * e + (q + kv) * e            # dP = dO v^T

@@ -17,114 +17,130 @@ Kernels (one program per (query tile | key tile, batch*head)):
   ``SPLITS`` chunks that write fp32 partial sums reduced afterwards (deterministic, no atomics;
   the partial buffer is SPLITS*M*C floats, tiny because M is small).
 
-Launch configurations are chosen in ``kernel_config`` only, so the AOT test
-compiles exactly what runs. Under TRITON_INTERPRET=1 the same configuration is used (no
-autotuning); only bf16 math is upcast to fp32 there (``UPCAST``) because the interpreter gets
-bf16 arithmetic and bf16 ``tl.dot`` wrong, while the GPU keeps bf16 tensor cores.
+Launch configurations are chosen in ``launch_config`` only (``python -m segformer_fast kernels``
+compiles what the launchers launch). Under TRITON_INTERPRET=1 the same configuration is used (no
+autotuning); precision constexprs come from ``common.precision`` (bf16 upcast under the
+interpreter only, IEEE fp32 dots).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import LaunchConfig, pow2_block, precision
+
 LOG2E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ----------------------------------------------------------------------------------------------
+# Tile prologues shared by the forward and backward kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _head_columns(pid_bh, H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program axis batch*head -> (batch index, this head's channel columns (BLOCK_D,), their mask).
+
+    The batch index is int64: b * batch stride overflows int32 at 1024x2048. Head dims that are
+    not a power of two are padded to BLOCK_D and masked."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return (pid_bh // H).to(tl.int64), (pid_bh % H) * HEAD_DIM + offs_d, offs_d < HEAD_DIM
 
 
 @triton.jit
-def _sra_fwd_kernel(Q, K, V, O, LSE,
+def _load_rows(base, rows, stride_row, mask_row, cols, mask_col,
+               TRANSPOSE: tl.constexpr, UPCAST: tl.constexpr):
+    """One head's slab of a token matrix: (len(rows), BLOCK_D) at base + row*stride_row + col, or
+    (BLOCK_D, len(rows)) when TRANSPOSE (loaded transposed: nothing is transposed in registers)."""
+    if TRANSPOSE:
+        t = tl.load(base + rows[None, :] * stride_row + cols[:, None],
+                    mask=mask_col[:, None] & mask_row[None, :], other=0.0)
+    else:
+        t = tl.load(base + rows[:, None] * stride_row + cols[None, :],
+                    mask=mask_row[:, None] & mask_col[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _probs_and_dp(q, do, lse, K, V, offs_m, M, stride_km, stride_vm, cols, mask_d, qk_scale,
+                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One key tile of the dQ kernel: the K tile (BLOCK_M, BLOCK_D), P recomputed from the saved
+    LSE (BLOCK_N, BLOCK_M; exactly 0 at padded keys) and dP = dO V^T (BLOCK_N, BLOCK_M).
+    q, do (BLOCK_N, BLOCK_D); lse (BLOCK_N,); K, V point at this batch's rows."""
+    mask_m = offs_m < M
+    k = _load_rows(K, offs_m, stride_km, mask_m, cols, mask_d, False, UPCAST)
+    vt = _load_rows(V, offs_m, stride_vm, mask_m, cols, mask_d, True, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    return k, tl.where(mask_m[None, :], p, 0.0), dp
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Shapes: C = H * HEAD_DIM; q rows strided by stride_qn, k/v rows by stride_km/stride_vm
+# (2C when they are the halves of one kv projection); every channel dim is contiguous.
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sra_fwd_kernel(Q, K, V, O, LSE,       # q (B, N, C); k, v (B, M, C); O (B, N, C); LSE (B*H, N) fp32
                     stride_qb, stride_qn, stride_kb, stride_km, stride_vb, stride_vm,
                     stride_ob, stride_on,
-                    N, M, H, qk_scale,
+                    N, M, H, qk_scale,      # qk_scale = scale * log2(e)
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)      # int64: b * batch stride overflows int32 at 1024x2048
-    h = pid_bh % H
-
+    b, cols, mask_d = _head_columns(pid_bh, H, HEAD_DIM, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
-    mask_d = offs_d < HEAD_DIM          # head dims that are not a power of two are padded
-
-    q_ptrs = Q + b * stride_qb + offs_n[:, None] * stride_qn + (h * HEAD_DIM + offs_d)[None, :]
-    q = tl.load(q_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = K + b * stride_kb + (h * HEAD_DIM + offs_d)[:, None]     # K^T tile: (BLOCK_D, BLOCK_M)
-    v_base = V + b * stride_vb + (h * HEAD_DIM + offs_d)[None, :]     # V tile: (BLOCK_M, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb, offs_n, stride_qn, mask_n, cols, mask_d, False, UPCAST)
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, M, BLOCK_M):
-        offs_m = start_m + offs_m0
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        kt = tl.load(k_base + offs_m[None, :] * stride_km, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * stride_vm, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
+        kt = _load_rows(k_base, offs_m, stride_km, mask_m, cols, mask_d, True, UPCAST)   # K^T tile
+        v = _load_rows(v_base, offs_m, stride_vm, mask_m, cols, mask_d, False, UPCAST)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
         # scores in log2 units; padded keys get -inf so they weigh exactly 0
         s = tl.where(mask_m[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))   # finite: every tile holds >= 1 real key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + offs_n[:, None] * stride_on + (h * HEAD_DIM + offs_d)[None, :]
+    o_ptrs = O + b * stride_ob + offs_n[:, None] * stride_on + cols[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_n, m_i + tl.log2(l_i), mask=mask_n)
 
 
 @triton.jit
-def _sra_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+def _sra_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,   # q, dO, dQ (B, N, C); k, v (B, M, C); LSE, DELTA (B*H, N) fp32
                        stride_qb, stride_qn, stride_kb, stride_km, stride_vb, stride_vm,
                        stride_dob, stride_don, stride_dqb, stride_dqn,
                        N, M, H, qk_scale, sm_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-
+    b, cols, mask_d = _head_columns(pid_bh, H, HEAD_DIM, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
-    mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    col = (h * HEAD_DIM + offs_d)[None, :]
-
-    q = tl.load(Q + b * stride_qb + offs_n[:, None] * stride_qn + col, mask=mask_nd, other=0.0)
-    do = tl.load(DO + b * stride_dob + offs_n[:, None] * stride_don + col, mask=mask_nd, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q + b * stride_qb, offs_n, stride_qn, mask_n, cols, mask_d, False, UPCAST)
+    do = _load_rows(DO + b * stride_dob, offs_n, stride_don, mask_n, cols, mask_d, False, UPCAST)
     row = pid_bh.to(tl.int64) * N + offs_n
     lse = tl.load(LSE + row, mask=mask_n, other=0.0)
-
-    k_base = K + b * stride_kb + (h * HEAD_DIM + offs_d)[None, :]     # K tile (BLOCK_M, BLOCK_D)
-    v_base = V + b * stride_vb + (h * HEAD_DIM + offs_d)[:, None]     # V^T tile (BLOCK_D, BLOCK_M)
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
 
     # Pass 1: delta_i = sum_j P_ij dP_ij from the same recomputed P and dP that pass 2 uses, not
     # the textbook dO_i . O_i: then sum_j dS_ij = delta_i (1 - sum_j P_ij) vanishes to rounding
@@ -133,115 +149,66 @@ def _sra_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     # the second sweep cheap (K/V of a head sit in L2) and O is never re-read.
     delta = tl.zeros([BLOCK_N], tl.float32)
     for start_m in range(0, M, BLOCK_M):
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < M
-        k = tl.load(k_base + offs_m[:, None] * stride_km, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        vt = tl.load(v_base + offs_m[None, :] * stride_vm, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            vt = vt.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, vt, input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, vt)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        p = tl.where(mask_m[None, :], p, 0.0)
+        _, p, dp = _probs_and_dp(q, do, lse, k_base, v_base, start_m + tl.arange(0, BLOCK_M), M,
+                                 stride_km, stride_vm, cols, mask_d, qk_scale, UPCAST, INPUT_PRECISION)
         delta += tl.sum(p * dp, 1)
     tl.store(DELTA + row, delta, mask=mask_n)
 
     # Pass 2: dQ = scale * sum_j dS_ij K_j
     dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, M, BLOCK_M):
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < M
-        k = tl.load(k_base + offs_m[:, None] * stride_km, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        vt = tl.load(v_base + offs_m[None, :] * stride_vm, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            vt = vt.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, vt, input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, vt)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        p = tl.where(mask_m[None, :], p, 0.0)
+        k, p, dp = _probs_and_dp(q, do, lse, k_base, v_base, start_m + tl.arange(0, BLOCK_M), M,
+                                 stride_km, stride_vm, cols, mask_d, qk_scale, UPCAST, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + offs_n[:, None] * stride_dqn + col, dq.to(DQ.dtype.element_ty), mask=mask_nd)
+    tl.store(DQ + b * stride_dqb + offs_n[:, None] * stride_dqn + cols[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _sra_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _sra_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,   # q, dO (B, N, C); k, v (B, M, C);
+                         # DK, DV (SPLITS, B, M, C) fp32 partial sums; LSE, DELTA (B*H, N) fp32
                          stride_qb, stride_qn, stride_kb, stride_km, stride_vb, stride_vm,
                          stride_dob, stride_don, stride_dks, stride_dkb, stride_dkm,
                          N, M, H, qk_scale, sm_scale, tiles_per_split,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)            # which chunk of query tiles this program sums over
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-
+    b, cols, mask_d = _head_columns(pid_bh, H, HEAD_DIM, BLOCK_D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    mask_d = offs_d < HEAD_DIM
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    col = (h * HEAD_DIM + offs_d)[None, :]
-
-    k = tl.load(K + b * stride_kb + offs_m[:, None] * stride_km + col, mask=mask_md, other=0.0)
-    v = tl.load(V + b * stride_vb + offs_m[:, None] * stride_vm + col, mask=mask_md, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(K + b * stride_kb, offs_m, stride_km, mask_m, cols, mask_d, False, UPCAST)
+    v = _load_rows(V + b * stride_vb, offs_m, stride_vm, mask_m, cols, mask_d, False, UPCAST)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    q_base = Q + b * stride_qb + col
-    do_base = DO + b * stride_dob + col
+    q_base = Q + b * stride_qb
+    do_base = DO + b * stride_dob
     row0 = pid_bh.to(tl.int64) * N
     n_lo = pid_s * tiles_per_split * BLOCK_N
     n_hi = tl.minimum(n_lo + tiles_per_split * BLOCK_N, N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_n[:, None] * stride_qn, mask=mask_nd, other=0.0)
-        do = tl.load(do_base + offs_n[:, None] * stride_don, mask=mask_nd, other=0.0)
+        q = _load_rows(q_base, offs_n, stride_qn, mask_n, cols, mask_d, False, UPCAST)
+        do = _load_rows(do_base, offs_n, stride_don, mask_n, cols, mask_d, False, UPCAST)
         lse = tl.load(LSE + row0 + offs_n, mask=mask_n, other=0.0)
         delta = tl.load(DELTA + row0 + offs_n, mask=mask_n, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         # transposed problem: S^T = K Q^T (BLOCK_M, BLOCK_N), so dK = dS^T Q and dV = P^T dO
         # are plain dots without transposing the large operands
-        if IEEE:
-            st = tl.dot(k, tl.trans(q), input_precision="ieee")
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            st = tl.dot(k, tl.trans(q))
-            dpt = tl.dot(v, tl.trans(do))
+        st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         pt = tl.where(mask_n[None, :], pt, 0.0)       # padded query rows contribute nothing
         dst = pt * (dpt - delta[None, :])
-        if IEEE:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-        else:
-            dv += tl.dot(pt.to(do.dtype), do)
-            dk += tl.dot(dst.to(q.dtype), q)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
     dk = dk * sm_scale
-    out = pid_s.to(tl.int64) * stride_dks + b * stride_dkb + offs_m[:, None] * stride_dkm + col
+    out = pid_s.to(tl.int64) * stride_dks + b * stride_dkb + offs_m[:, None] * stride_dkm + cols[None, :]
+    mask_md = mask_m[:, None] & mask_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_md)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_md)
 
@@ -251,17 +218,17 @@ def _sra_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 # ----------------------------------------------------------------------------------------------
 
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))    # tl.dot needs K >= 16
+    return pow2_block(head_dim)     # tl.dot needs K >= 16
 
 
-def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+def launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles, warps and stages of ``kernel`` ("fwd", "dq", "dkdv") for a head dim and dtype.
 
     BLOCK_N tiles queries, BLOCK_M keys. BLOCK_M <= 64 so M > 64 really iterates the online
     softmax; at M <= BLOCK_M one tile covers all keys (a single pass). fp16/bf16 dots run on
     tensor cores; fp32 IEEE dots run on CUDA cores with a larger register footprint, so fp32
-    uses 32-key tiles and 8 warps. Every entry was compiled for sm_80 and sm_90 with 0 spills
-    and <= 100 KB shared memory (tests/test_sra_attention.py::test_aot_*)."""
+    uses 32-key tiles and 8 warps. Every entry compiles for sm_80 and sm_90 with 0 spills and
+    <= 100 KB shared memory with Triton 3.6 and 3.9 (``python -m segformer_fast kernels``)."""
     bd = block_d(head_dim)
     fp32 = dtype == torch.float32
     if kernel == "fwd":
@@ -286,7 +253,8 @@ def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
             cfg = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 1)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return dict(zip(("BLOCK_N", "BLOCK_M", "num_warps", "num_stages"), cfg))
+    bn, bm, warps, stages = cfg
+    return LaunchConfig(BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
 
 
 def dkdv_splits(N: int, M: int, BH: int, block_n: int, block_m: int, target_programs: int = 132) -> int:
@@ -296,12 +264,6 @@ def dkdv_splits(N: int, M: int, BH: int, block_n: int, block_m: int, target_prog
     programs = triton.cdiv(M, block_m) * BH
     want = triton.cdiv(target_programs, programs)
     return max(1, min(want, n_tiles // 2))
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    upcast = dtype == torch.bfloat16 and _interpreting()
-    return dict(UPCAST=upcast, IEEE=ieee)
 
 
 def _scales(scale: float) -> tuple[float, float]:
@@ -318,7 +280,7 @@ def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
     B, N, C = q.shape
     M = k.shape[1]
     d = C // num_heads
-    cfg = kernel_config("fwd", d, q.dtype)
+    cfg = launch_config("fwd", d, q.dtype)
     o = torch.empty((B, N, C), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * num_heads, N), device=q.device, dtype=torch.float32)
     qk_scale, _ = _scales(scale)
@@ -328,7 +290,7 @@ def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1),
         N, M, num_heads, qk_scale,
-        HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **_flags(q.dtype))
+        HEAD_DIM=d, BLOCK_D=block_d(d), **precision(q.dtype), **cfg.kwargs())
     return o, lse
 
 
@@ -339,10 +301,10 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     M = k.shape[1]
     d = C // num_heads
     BH = B * num_heads
-    flags = _flags(q.dtype)
+    prec = precision(q.dtype)
     qk_scale, sm_scale = _scales(scale)
 
-    cfg = kernel_config("dq", d, q.dtype)
+    cfg = launch_config("dq", d, q.dtype)
     dq = torch.empty((B, N, C), device=q.device, dtype=q.dtype)
     delta = torch.empty((BH, N), device=q.device, dtype=torch.float32)
     _sra_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), BH)](
@@ -350,9 +312,9 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         N, M, num_heads, qk_scale, sm_scale,
-        HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **flags)
+        HEAD_DIM=d, BLOCK_D=block_d(d), **prec, **cfg.kwargs())
 
-    cfg = kernel_config("dkdv", d, q.dtype)
+    cfg = launch_config("dkdv", d, q.dtype)
     bn, bm = cfg["BLOCK_N"], cfg["BLOCK_M"]
     splits = dkdv_splits(N, M, BH, bn, bm)
     tiles_per_split = triton.cdiv(triton.cdiv(N, bn), splits)
@@ -366,70 +328,7 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), B * M * C, dk.stride(-3), dk.stride(-2),
         N, M, num_heads, qk_scale, sm_scale, tiles_per_split,
-        HEAD_DIM=d, BLOCK_D=block_d(d), **cfg, **flags)
+        HEAD_DIM=d, BLOCK_D=block_d(d), **prec, **cfg.kwargs())
     dk = (dk.sum(0) if splits > 1 else dk[0]).to(q.dtype)
     dv = (dv.sum(0) if splits > 1 else dv[0]).to(q.dtype)
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------------------------
-# Ahead-of-time report: every kernel exactly as the launchers configure it, for GPUs this
-# machine may not have. Run as ``TRITON_INTERPRET=0 python -m segformer_fast.kernels.triton.sra_attention``
-# (the interpreter's @triton.jit objects cannot be lowered, hence a separate process).
-# ----------------------------------------------------------------------------------------------
-
-_AOT_SIG = {
-    "fwd": ("_sra_fwd_kernel", ["Q", "K", "V", "O", "LSE"],
-            ["stride_qb", "stride_qn", "stride_kb", "stride_km", "stride_vb", "stride_vm",
-             "stride_ob", "stride_on", "N", "M", "H"], ["qk_scale"]),
-    "dq": ("_sra_bwd_dq_kernel", ["Q", "K", "V", "DO", "DQ", "LSE", "DELTA"],
-           ["stride_qb", "stride_qn", "stride_kb", "stride_km", "stride_vb", "stride_vm",
-            "stride_dob", "stride_don", "stride_dqb", "stride_dqn", "N", "M", "H"],
-           ["qk_scale", "sm_scale"]),
-    "dkdv": ("_sra_bwd_dkdv_kernel", ["Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA"],
-             ["stride_qb", "stride_qn", "stride_kb", "stride_km", "stride_vb", "stride_vm",
-              "stride_dob", "stride_don", "stride_dks", "stride_dkb", "stride_dkm", "N", "M", "H",
-              "tiles_per_split"], ["qk_scale", "sm_scale"]),
-}
-_TRITON_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def aot_report(kernel: str, head_dim: int, dtype: torch.dtype, arch: int):
-    """Compile ``kernel`` with its launch configuration for ``sm_{arch}``.
-
-    Divisibility hints are what Triton's specialisation sees at real SegFormer shapes: torch
-    pointers are 16-byte aligned; every stride (C, 2C for kv halves, N*C, M*C, B*M*C) and M
-    ((H/32)*(W/32) = 256, 1024, 2048) are multiples of 16. N is left unhinted so the same binary
-    serves any token count. The dK/dV outputs are compiled as fp32 partial-sum buffers (the
-    split case, which is what runs at real shapes)."""
-    from ...analysis.aot import compile_report
-    name, ptrs, ints, floats = _AOT_SIG[kernel]
-    el = _TRITON_TY[dtype]
-    sig = {p: ("*fp32" if p in ("LSE", "DELTA", "DK", "DV") else f"*{el}") for p in ptrs}
-    sig.update({i: "i32" for i in ints})
-    sig.update({f: "fp32" for f in floats})
-    cfg = kernel_config(kernel, head_dim, dtype)
-    ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_N=cfg["BLOCK_N"],
-              BLOCK_M=cfg["BLOCK_M"], UPCAST=False, IEEE=dtype == torch.float32)
-    sig.update({c: "constexpr" for c in ce})
-    div = tuple(ptrs) + tuple(i for i in ints if i.startswith("stride")) + ("M",)
-    return compile_report(globals()[name], sig, ce, arch, divisible_by_16=div,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    # argv: kernels dims dtypes, comma-separated (default: the SegFormer set)
-    kernels = (sys.argv[1] if len(sys.argv) > 1 else "fwd,dq,dkdv").split(",")
-    dims = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "32,64").split(",")]
-    dtypes = [getattr(torch, x) for x in (sys.argv[3] if len(sys.argv) > 3 else "float16,float32").split(",")]
-    for kernel in kernels:
-        for d in dims:
-            for dtype in dtypes:
-                for arch in (80, 90):
-                    r = aot_report(kernel, d, dtype, arch)
-                    print(json.dumps(dict(kernel=kernel, head_dim=d, dtype=_TRITON_TY[dtype], arch=arch,
-                                          config=kernel_config(kernel, d, dtype), registers=r.registers,
-                                          spills=r.spills, shared=r.shared_bytes)), flush=True)
