@@ -24,13 +24,11 @@ program partial sums of dgamma, dbeta and dbias (reduced by one small torch sum)
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from .common import LaunchConfig, interpreting, load_vec, pow2_block, precision
 
 
 @triton.jit
@@ -61,7 +59,6 @@ def _implicit_gemm_tile(x_ptr, w_ptr, b, offs_m, mask_m, offs_n, mask_n,
         wt = tl.load(w_ptr + k[:, None] * Cout + offs_n[None, :],
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
-            # the interpreter gets bf16 dot products wrong: do them in fp32 there only
             a = a.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
@@ -69,12 +66,15 @@ def _implicit_gemm_tile(x_ptr, w_ptr, b, offs_m, mask_m, offs_n, mask_n,
 
 
 @triton.jit
-def _conv_ln_fwd_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_ptr,
-                        Cin, H, W, Ho, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
-                        sxb, sxc, sxh, sxw, eps,
-                        HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _conv_ln_tile(x_ptr, w_ptr, bias_ptr,
+                  Cin, H, W, Ho, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
+                  sxb, sxc, sxh, sxw, eps,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """This program's tile, shared by the forward and the (recomputing) backward kernel: the
+    normalised conv output xhat (BLOCK_M, BLOCK_N) fp32, exactly 0 in padded channels, its rstd
+    (BLOCK_M,), the flat offsets of the tile in the (B, Ho*Wo, Cout) token output, the token
+    mask (BLOCK_M,) and the channel mask (BLOCK_N,)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     Nout = Ho * Wo
@@ -86,20 +86,38 @@ def _conv_ln_fwd_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_ptr,
                             Cin, H, W, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
                             sxb, sxc, sxh, sxw, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)
     if HAS_BIAS:
-        z += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        z += load_vec(bias_ptr, offs_n, mask_n)
     # LayerNorm over the Cout valid channels: padded columns are exactly 0 in z (masked weight
     # and bias loads), so the sum is right; the centred values are masked before the variance.
     mean = tl.sum(z, axis=1) / Cout
     diff = tl.where(mask_n[None, :], z - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / Cout + eps)
-    y = diff * rstd[:, None]
-    if HAS_GAMMA:
-        y = y * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BETA:
-        y = y + tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     rows = b.to(tl.int64) * Nout + offs_m
-    tl.store(out_ptr + rows[:, None] * Cout + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    return diff * rstd[:, None], rstd, rows[:, None] * Cout + offs_n[None, :], mask_m, mask_n
+
+
+# Kernel arguments: x (B, Cin, H, W) with strides (sxb, sxc, sxh, sxw) (an NCHW image, or the
+# channels-last view of (B, H*W, Cin) tokens); w (K, Cout) with k = (kh, kw, cin), Cout
+# contiguous (``weight_km``); bias, gamma, beta (Cout,); out, dy, dz (B, Ho*Wo, Cout) tokens;
+# part (programs, 3, Cout) fp32; K = KH*KW*Cin. Absent parameters get a dummy pointer and a
+# False HAS_* constexpr.
+
+@triton.jit
+def _conv_ln_fwd_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_ptr,
+                        Cin, H, W, Ho, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
+                        sxb, sxc, sxh, sxw, eps,
+                        HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    y, _, offs, mask_m, mask_n = _conv_ln_tile(
+        x_ptr, w_ptr, bias_ptr, Cin, H, W, Ho, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
+        sxb, sxc, sxh, sxw, eps, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)
+    offs_n = tl.arange(0, BLOCK_N)
+    if HAS_GAMMA:
+        y = y * load_vec(gamma_ptr, offs_n, mask_n)
+    if HAS_BETA:
+        y = y + load_vec(beta_ptr, offs_n, mask_n)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -109,29 +127,14 @@ def _conv_ln_bwd_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, dy_ptr, dz_ptr, part_
                         HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    Nout = Ho * Wo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < Nout
-    mask_n = offs_n < Cout
-    mask = mask_m[:, None] & mask_n[None, :]
     # recompute the conv output and its statistics (see module docstring for why)
-    z = _implicit_gemm_tile(x_ptr, w_ptr, b, offs_m, mask_m, offs_n, mask_n,
-                            Cin, H, W, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
-                            sxb, sxc, sxh, sxw, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mean = tl.sum(z, axis=1) / Cout
-    diff = tl.where(mask_n[None, :], z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / Cout + eps)
-    xhat = diff * rstd[:, None]
-    rows = b.to(tl.int64) * Nout + offs_m
-    offs = rows[:, None] * Cout + offs_n[None, :]
+    xhat, rstd, offs, mask_m, mask_n = _conv_ln_tile(
+        x_ptr, w_ptr, bias_ptr, Cin, H, W, Ho, Wo, Cout, K, KW, stride_h, stride_w, pad_h, pad_w,
+        sxb, sxc, sxh, sxw, eps, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GAMMA:
-        wdy = dy * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        wdy = dy * load_vec(gamma_ptr, tl.arange(0, BLOCK_N), mask_n)
     else:
         wdy = dy
     # dz = rstd * (wdy - mean(xhat * wdy) * xhat - mean(wdy)); masked rows/cols give exactly 0
@@ -141,54 +144,41 @@ def _conv_ln_bwd_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, dy_ptr, dz_ptr, part_
     dz = tl.where(mask, dz, 0.0)
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     # per-program partial column sums (fp32) of dgamma, dbeta, dbias: rows of `part` (P, 3, Cout)
-    pid = b * tl.num_programs(0) + pid_m
-    part = part_ptr + pid.to(tl.int64) * 3 * Cout + offs_n
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    part = part_ptr + pid.to(tl.int64) * 3 * Cout + tl.arange(0, BLOCK_N)
     tl.store(part, tl.sum(tl.where(mask, dy * xhat, 0.0), axis=0), mask=mask_n)
     tl.store(part + Cout, tl.sum(dy, axis=0), mask=mask_n)
     tl.store(part + 2 * Cout, tl.sum(dz, axis=0), mask=mask_n)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration: the one place that decides tiles, warps and stages (the AOT test compiles
-# exactly what `launch_config` returns at SegFormer's shapes).
+# Launch configuration: the one place that decides tiles, warps and stages.
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def launch_config(cout: int, k: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
-    """Tiles for Cout output channels and a reduction of K = Cin*kh*kw, in ``dtype``.
+def launch_config(kernel: str, cout: int, k: int, dtype: torch.dtype) -> LaunchConfig:
+    """Tiles of ``kernel`` ("fwd" or "bwd": they share one) for Cout output channels and a
+    reduction of K = Cin*kh*kw, in ``dtype``.
 
     GPU: the fp32 accumulator is BLOCK_M x BLOCK_N and lives in registers together with the
     [BLOCK_M, BLOCK_K] implicit-GEMM address/mask tiles (64-bit pointers) and, in the backward,
-    the dy / xhat / dz tiles of the LayerNorm backward. Measured with ptxas (tests/test_conv_
-    layernorm.py AOT test): about 16 accumulator elements per thread keeps both kernels at
+    the dy / xhat / dz tiles of the LayerNorm backward. Measured with ptxas (``python -m
+    segformer_fast kernels``): about 16 accumulator elements per thread keeps both kernels at
     <= 180 registers without spills at every Cout of SegFormer; BLOCK_M never drops below 16
     (the tensor-core minimum). BLOCK_K and stages keep the pipelined A+B tiles under 64 KB of
     shared memory (Triton buffers num_stages - 1 of them).
     """
-    block_n = max(16, triton.next_power_of_2(cout))
-    if interpret is None:
-        interpret = interpreting()
-    if interpret:
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"unknown kernel {kernel!r}")
+    block_n = pow2_block(cout)
+    if interpreting():
         # one config; few, fat programs keep the interpreter (about 0.6 ms per program) fast
-        return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=1)
+        return LaunchConfig(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=1)
     num_warps = 8 if block_n >= 256 else 4
     block_m = max(16, min(64, (16 * 32 * num_warps) // block_n))
     block_k = 16 if (block_n >= 256 or k <= 16) else 32
-    esize = torch.empty((), dtype=dtype).element_size()
-    stage_bytes = (block_m + block_n) * block_k * esize
+    stage_bytes = (block_m + block_n) * block_k * dtype.itemsize
     num_stages = max(2, min(3, 1 + (64 * 1024) // stage_bytes))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-                num_stages=num_stages)
-
-
-def _precision(dtype: torch.dtype, interpret: bool) -> tuple[bool, str]:
-    """(UPCAST, INPUT_PRECISION): IEEE fp32 dots unless the user allowed TF32."""
-    upcast = interpret and dtype == torch.bfloat16
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret:
-        return upcast, "tf32"
-    return upcast, "ieee"
+    return LaunchConfig(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                        num_stages=num_stages)
 
 
 def weight_km(weight: torch.Tensor) -> torch.Tensor:
@@ -201,45 +191,43 @@ def out_size(h: int, w: int, kh: int, kw: int, stride, padding) -> tuple[int, in
     return ((h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1)
 
 
-def _common(x, weight, stride, padding):
+def _geometry(x, weight, stride, padding):
+    """(Ho, Wo) and the integer kernel arguments from Cin to sxw, in the kernels' order."""
     B, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     Ho, Wo = out_size(H, W, KH, KW, stride, padding)
-    return B, Cin, H, W, Cout, KH, KW, Ho, Wo
+    return (Ho, Wo), (Cin, H, W, Ho, Wo, Cout, Cin * KH * KW, KW, stride[0], stride[1],
+                      padding[0], padding[1], *x.stride())
 
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (no checks: segformer_fast.ops.conv_layernorm validates before calling these)
 
 def conv_layernorm_fwd(x, weight, bias, gamma, beta, stride, padding, eps):
     """x: 4D with any strides (NCHW image or channels-last view of tokens). Returns tokens."""
-    B, Cin, H, W, Cout, KH, KW, Ho, Wo = _common(x, weight, stride, padding)
-    K = Cin * KH * KW
+    B, Cout = x.shape[0], weight.shape[0]
+    (Ho, Wo), geo = _geometry(x, weight, stride, padding)
     out = torch.empty((B, Ho * Wo, Cout), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    interp = interpreting()
-    cfg = launch_config(Cout, K, x.dtype, interp)
-    upcast, prec = _precision(x.dtype, interp)
+    cfg = launch_config("fwd", Cout, geo[6], x.dtype)
     wk = weight_km(weight)
     grid = (triton.cdiv(Ho * Wo, cfg["BLOCK_M"]), B)
     _conv_ln_fwd_kernel[grid](
         x, wk, bias if bias is not None else wk, gamma if gamma is not None else wk,
-        beta if beta is not None else wk, out,
-        Cin, H, W, Ho, Wo, Cout, K, KW, stride[0], stride[1], padding[0], padding[1],
-        *x.stride(), float(eps),
+        beta if beta is not None else wk, out, *geo, float(eps),
         HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        UPCAST=upcast, INPUT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **precision(x.dtype), **cfg.kwargs())
     return out
 
 
 def conv_layernorm_bwd_dz(dy, x, weight, bias, gamma, stride, padding, eps):
     """d(conv output) as tokens (B, H'W', Cout) in x's dtype, and fp32 (dgamma, dbeta, dbias)."""
-    B, Cin, H, W, Cout, KH, KW, Ho, Wo = _common(x, weight, stride, padding)
-    K = Cin * KH * KW
+    B, Cout = x.shape[0], weight.shape[0]
+    (Ho, Wo), geo = _geometry(x, weight, stride, padding)
     dy = dy.contiguous()
     dz = torch.empty((B, Ho * Wo, Cout), device=x.device, dtype=x.dtype)
-    interp = interpreting()
-    cfg = launch_config(Cout, K, x.dtype, interp)
-    upcast, prec = _precision(x.dtype, interp)
+    cfg = launch_config("bwd", Cout, geo[6], x.dtype)
     wk = weight_km(weight)
     grid = (triton.cdiv(Ho * Wo, cfg["BLOCK_M"]), B)
     part = torch.empty((grid[0] * grid[1], 3, Cout), device=x.device, dtype=torch.float32)
@@ -249,82 +237,7 @@ def conv_layernorm_bwd_dz(dy, x, weight, bias, gamma, stride, padding, eps):
     else:
         _conv_ln_bwd_kernel[grid](
             x, wk, bias if bias is not None else wk, gamma if gamma is not None else wk, dy, dz, part,
-            Cin, H, W, Ho, Wo, Cout, K, KW, stride[0], stride[1], padding[0], padding[1],
-            *x.stride(), float(eps),
-            HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            UPCAST=upcast, INPUT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            *geo, float(eps), HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
+            **precision(x.dtype), **cfg.kwargs())
     dgamma, dbeta, dbias = part.sum(0).unbind(0)
     return dz, dgamma, dbeta, dbias
-
-
-# ----------------------------------------------------------------------------------------------
-# Ahead-of-time compile description (analysis.aot.compile_report): the argument types and the
-# 16-divisibility Triton sees at run time at SegFormer's shapes, per kernel and input layout.
-
-_INT_ARGS = ("Cin", "H", "W", "Ho", "Wo", "Cout", "K", "KW", "stride_h", "stride_w", "pad_h", "pad_w",
-             "sxb", "sxc", "sxh", "sxw")
-
-
-def aot_spec(kernel: str, dtype: torch.dtype, cout: int, k: int, *, tokens: bool,
-             divisible: tuple[str, ...] = ()) -> dict:
-    """kwargs for ``compile_report`` reproducing a real launch of ``kernel`` ("fwd" or "bwd").
-
-    tokens: x is the channels-last view of (B, N, Cin) tokens (sxc == 1, which Triton specialises
-    to a constant exactly as at run time) or an NCHW image (sxw == 1). ``divisible``: the integer
-    arguments that are multiples of 16 at the real shape (pointers always are: torch allocations).
-    """
-    cfg = launch_config(cout, k, dtype, interpret=False)
-    upcast, prec = _precision(dtype, interpret=False)
-    ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    if kernel == "fwd":
-        fn = _conv_ln_fwd_kernel
-        ptrs = ("x_ptr", "w_ptr", "bias_ptr", "gamma_ptr", "beta_ptr", "out_ptr")
-        flags = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True)
-    else:
-        fn = _conv_ln_bwd_kernel
-        ptrs = ("x_ptr", "w_ptr", "bias_ptr", "gamma_ptr", "dy_ptr", "dz_ptr", "part_ptr")
-        flags = dict(HAS_BIAS=True, HAS_GAMMA=True)
-    one = "sxc" if tokens else "sxw"
-    sig = {p: ("*fp32" if p == "part_ptr" else ty) for p in ptrs}
-    sig.update({a: ("constexpr" if a == one else "i32") for a in _INT_ARGS})
-    sig["eps"] = "fp32"
-    constexprs = {one: 1, **flags, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                  "BLOCK_K": cfg["BLOCK_K"], "UPCAST": upcast, "INPUT_PRECISION": prec}
-    sig.update({name: "constexpr" for name in constexprs if name != one})
-    return dict(fn=fn, signature=sig, constexprs=constexprs,
-                divisible_by_16=tuple(ptrs) + tuple(d for d in divisible if d != one),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def aot_reports(jobs: list[dict]) -> list[dict]:
-    """Compile each job (kwargs of ``aot_spec`` + "arch") with ``analysis.aot.compile_report``.
-
-    Must run in a process where TRITON_INTERPRET is off: under the interpreter @triton.jit (ours
-    and triton.language's own helpers) yields functions that cannot be lowered. Tests call
-    ``python -m segformer_fast.kernels.triton.conv_layernorm`` with the jobs as JSON on stdin.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ...analysis.aot import compile_report
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-    def one(job):
-        job = dict(job)
-        arch = job.pop("arch")
-        job["dtype"] = names[job["dtype"]]
-        job["divisible"] = tuple(job.get("divisible", ()))
-        spec = aot_spec(**job)
-        r = compile_report(spec.pop("fn"), spec.pop("signature"), spec.pop("constexprs"), arch, **spec)
-        return dict(kernel=r.kernel, arch=r.arch, num_warps=r.num_warps, num_stages=r.num_stages,
-                    registers=r.registers, spills=r.spills, shared_bytes=r.shared_bytes,
-                    constexprs={k: v for k, v in r.constexprs.items() if k.startswith("BLOCK")})
-
-    with ThreadPoolExecutor(2) as ex:     # ptxas is a subprocess: two compiles overlap
-        return list(ex.map(one, jobs))
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-    print(json.dumps(aot_reports(json.load(sys.stdin))))
