@@ -47,7 +47,7 @@ def demo(args) -> int:
     report = segformer_fast.patch(patched, backend=args.backend)
     kernels = {"triton": "Triton kernels", "cpu": "native CPU kernels where they exist + stock PyTorch ops",
                "torch": "stock PyTorch compositions", "reference": "the reference ops"}
-    here = segformer_fast.backends.resolve(torch.device(device), args.backend, ("triton", "cpu"))
+    here = segformer_fast.backends.which("upsample_sum", device, backend=args.backend).name or "torch"
     _say(f"patched: {len(report.replaced)} modules replaced, {len(report.skipped)} skipped "
          f"(backend {args.backend}: {kernels[here]} on {device})")
     for path, why in report.skipped:

@@ -165,7 +165,7 @@ def _ok():
     (lambda q, k, v: (q.long(), k.long(), v.long()), 2, TypeError, "floating"),
     (lambda q, k, v: (q, k, v.to("meta")), 2, ValueError, "device"),
     (lambda q, k, v: (torch.randn(1, 4, 130), torch.randn(1, 2, 130), torch.randn(1, 2, 130)), 1,
-     ValueError, "exceeds 128"),
+     ValueError, "triton: head dim 130 > 128"),
 ])
 def test_bad_inputs_raise_before_launch(mutate, heads, exc, match, launches):
     with pytest.raises(exc, match=match):

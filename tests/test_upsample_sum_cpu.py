@@ -1,6 +1,4 @@
 """The native CPU upsample-sum kernel (csrc/cpu/upsample_sum.cpp) against the reference."""
-import importlib
-
 import pytest
 import torch
 
@@ -16,6 +14,28 @@ def native():
     from segformer_fast.kernels.cpu import native as load
 
     return load()
+
+
+class _count_native:
+    """Context manager: records calls of the native extension's entry point."""
+
+    def __init__(self, native):
+        self.native, self.calls = native, []
+
+    def __enter__(self):
+        import segformer_fast.kernels.cpu as kcpu
+        real, calls = self.native.upsample_sum_forward, self.calls
+
+        class Spy:
+            def upsample_sum_forward(self, *a):
+                calls.append(a)
+                return real(*a)
+        self.kcpu, self.orig = kcpu, kcpu.native
+        kcpu.native = lambda: Spy()
+        return calls
+
+    def __exit__(self, *exc):
+        self.kcpu.native = self.orig
 
 
 def _maps(B, D, hws, scale=1.0, seed=0):
@@ -40,22 +60,8 @@ def test_contract(native, hws, B, D, epilogue):
         kw["scale"] = torch.rand(D, generator=g) + 0.5
         kw["shift"] = torch.randn(D, generator=g)
     relu = epilogue in ("bn_relu", "relu")
-    calls = []
-    real = native.upsample_sum_forward
-
-    class Spy:
-        def upsample_sum_forward(self, *a):
-            calls.append(a)
-            return real(*a)
-
-    import segformer_fast.kernels.cpu as kcpu
-    orig = kcpu.native
-    kcpu.native = lambda: Spy()
-    try:
-        with torch.no_grad():
-            out = upsample_sum(maps, hws, size, relu=relu, backend="cpu", **kw)
-    finally:
-        kcpu.native = orig
+    with torch.no_grad(), _count_native(native) as calls:
+        out = upsample_sum(maps, hws, size, relu=relu, backend="cpu", **kw)
     assert len(calls) == 1, "the native kernel did not run"
     ref = reference.upsample_sum([m.double() for m in maps], hws, size, relu=relu,
                                  **{k: v.double() for k, v in kw.items()})
@@ -64,28 +70,48 @@ def test_contract(native, hws, B, D, epilogue):
     print(assert_contract(out, ref, pt, name=f"cpu upsample_sum {hws} {epilogue}"))
 
 
-def test_auto_uses_native_for_inference_and_torch_for_training(native, monkeypatch):
+def test_auto_uses_native_for_inference_and_torch_for_training(native):
+    """The native kernel declares fp32 and no backward: auto takes it for fp32 inference and the
+    torch composition otherwise (a declared reason, visible in the query), never silently."""
+    from segformer_fast.backends import which
+
+    assert which("upsample_sum", "cpu", torch.float32, backend="auto").name == "cpu"
+    training = which("upsample_sum", "cpu", torch.float32, backend="auto", needs_grad=True)
+    assert training.name == "torch" and training.reasons["cpu"] == ["no backward: this call needs gradients"]
+    half = which("upsample_sum", "cpu", torch.float16, backend="auto")
+    assert half.name == "torch" and "dtype torch.float16" in half.reasons["cpu"][0]
+
     hws, D = ODD, 16
     maps = _maps(2, D, hws)
-    used = []
-    op = importlib.import_module("segformer_fast.ops.upsample_sum")   # the module, not the function
-    monkeypatch.setattr(op, "_cpu_impl", lambda *a: used.append("cpu") or op._torch_impl(*a))
-    with backends.use_backend("auto"), torch.no_grad():
+    with backends.use_backend("auto"), torch.no_grad(), _count_native(native) as calls:
         upsample_sum(maps, hws, hws[0])
-    assert used == ["cpu"]
+    assert len(calls) == 1
     leaf = [m.clone().requires_grad_() for m in maps]
-    with backends.use_backend("auto"):
+    with backends.use_backend("auto"), _count_native(native) as calls:
         y = upsample_sum(leaf, hws, hws[0], relu=True)
-    assert used == ["cpu"], "a call that needs gradients must take the differentiable path"
+    assert calls == [], "a call that needs gradients must take the differentiable path"
     y.sum().backward()
     assert all(m.grad is not None for m in leaf)
-    with torch.no_grad():
-        upsample_sum([m.half() for m in maps], hws, hws[0], backend="cpu")   # fp16: torch path
-    assert used == ["cpu"]
 
 
-def test_cpu_backend_rejects_other_devices():
-    with pytest.raises(ValueError, match="CPU tensors"):
-        backends.resolve(torch.device("meta"), "cpu", ("triton", "cpu"))
-    # ops without a native CPU kernel run the torch composition under backend "cpu"
-    assert backends.resolve(torch.device("cpu"), "cpu", ("triton",)) == "torch"
+def test_cpu_by_name_refuses_what_it_cannot_run(native):
+    """Asked for by name, cpu runs or raises one error listing every implementation's reasons."""
+    hws = ODD
+    leaf = [m.requires_grad_() for m in _maps(1, 8, hws)]
+    with pytest.raises(backends.BackendUnavailable, match="cpu: no backward") as e:
+        upsample_sum(leaf, hws, hws[0], backend="cpu")
+    assert all(f"  {n}: " in str(e.value) for n in ("triton", "cpu", "torch", "reference"))
+    with torch.no_grad(), pytest.raises(backends.BackendUnavailable, match="cpu: dtype torch.float16"):
+        upsample_sum([m.half() for m in leaf], hws, hws[0], backend="cpu")
+    with pytest.raises(backends.BackendUnavailable, match="cpu: needs cpu tensors, got meta"):
+        upsample_sum([m.detach().to("meta") for m in leaf], hws, hws[0], backend="cpu")
+
+
+def test_cpu_name_on_ops_without_native_kernel_is_the_torch_composition():
+    from segformer_fast.backends import which
+
+    for op in ("sra_attention", "dwconv_gelu", "conv_layernorm"):
+        c = which(op, "cpu", backend="cpu")
+        assert c.name == "cpu" and c.same_as == "torch", c
+        assert which(op, "cpu", backend="auto").name == "torch"
+        assert which(op, "meta", backend="cpu").name is None

@@ -2,7 +2,7 @@
 
 ``conv_layernorm(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, hw=None)``:
 x is an image (B, Cin, H, W) or tokens (B, N, Cin) with ``hw=(H, W)``; returns
-(tokens (B, H'*W', Cout), (H', W')). Backends:
+(tokens (B, H'*W', Cout), (H', W')). Implementations (``segformer_fast.backends``):
 
 - ``triton``: one implicit-GEMM kernel with the LayerNorm in its epilogue (forward) and one that
   recomputes the conv tile and applies the LayerNorm backward (writing d(conv output) and the
@@ -20,19 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as _reference
-from ..backends import resolve
+from ..backends import Impl, register, triton_impl
+from ._common import autocast_policy, choose, needs_grad, register_autocast, size_pair
 
 __all__ = ["conv_layernorm"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"conv_layernorm: {name} must be an int or a pair of ints, got {v!r}")
+def _pair(v, name: str) -> tuple:
+    return size_pair(v, name, "conv_layernorm")
 
 
 def _check(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, hw):
@@ -69,7 +64,7 @@ def _check(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, hw):
     if x.dim() == 3:
         if hw is None:
             raise ValueError("conv_layernorm: token input (B, N, Cin) needs hw=(H, W)")
-        H, W = _pair(tuple(hw) if isinstance(hw, (tuple, list)) else hw, "hw")
+        H, W = _pair(hw, "hw")
         B, N, C = x.shape
         if H * W != N:
             raise ValueError(f"conv_layernorm: hw={(H, W)} gives H*W={H * W} but x has N={N} tokens")
@@ -180,6 +175,8 @@ def _backward(ctx, dy):
 
 
 _cl_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_cl_fwd, "lower")
+register_autocast(_cl_bwd, "keep")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +194,22 @@ def _torch_path(x4, weight, bias, norm_weight, norm_bias, stride, padding, eps):
     return F.layer_norm(t, (Cout,), norm_weight, norm_bias, eps)
 
 
+def _run_triton(x4, weight, bias, norm_weight, norm_bias, stride, padding, eps):
+    return _cl_fwd(x4, weight, bias, norm_weight, norm_bias, list(stride), list(padding), eps)
+
+
+def _run_reference(x4, weight, bias, norm_weight, norm_bias, stride, padding, eps):
+    return _reference.conv_layernorm(x4, weight, bias, norm_weight, norm_bias, stride, padding, eps)[0]
+
+
+IMPLS = register("conv_layernorm", [
+    triton_impl(_run_triton),
+    Impl("torch", _torch_path, onnx=True),
+    Impl("reference", _run_reference, onnx=True),
+])
+
+
+@autocast_policy
 def conv_layernorm(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
                    norm_bias: Tensor | None, stride, padding, eps: float,
                    hw: tuple[int, int] | None = None, *, backend: str | None = None
@@ -204,19 +217,14 @@ def conv_layernorm(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: 
     """Strided conv + LayerNorm over output channels, written as tokens.
 
     x: image (B, Cin, H, W), or tokens (B, N, Cin) with ``hw=(H, W)`` and N = H*W (read in place:
-    no transpose). weight (Cout, Cin, kh, kw); bias, norm_weight, norm_bias (Cout,) or None;
-    stride, padding: int or pair; eps: the LayerNorm's eps. Output size by the floor formula.
-    ``backend``: None (process-wide choice), "triton", "torch" or "reference".
+    no transpose; H, W may be SymInts while tracing). weight (Cout, Cin, kh, kw); bias, norm_weight,
+    norm_bias (Cout,) or None; stride, padding: int or pair; eps: the LayerNorm's eps. Output size
+    by the floor formula. Under autocast all tensors run in the autocast dtype (LayerNorm
+    statistics stay fp32). ``backend``: None (process-wide choice) or a backend name.
     Returns (tokens (B, H'*W', Cout), (H', W')). Differentiable in every tensor argument.
     """
     x4, stride, padding = _check(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, hw)
-    name = resolve(x.device, backend, native_ops=("triton",))
-    Ho, Wo = _out_hw(x4, weight, stride, padding)
-    if name == "reference":
-        return _reference.conv_layernorm(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, hw)
-    if name == "triton":
-        if x.dtype == torch.float64:
-            raise TypeError("conv_layernorm: backend 'triton' supports float32/float16/bfloat16, got float64")
-        out = _cl_fwd(x4, weight, bias, norm_weight, norm_bias, list(stride), list(padding), float(eps))
-        return out, (Ho, Wo)
-    return _torch_path(x4, weight, bias, norm_weight, norm_bias, stride, padding, float(eps)), (Ho, Wo)
+    impl = choose("conv_layernorm", x.device, x.dtype,
+                  needs_grad(x, weight, bias, norm_weight, norm_bias), backend)
+    out = impl.run(x4, weight, bias, norm_weight, norm_bias, stride, padding, float(eps))
+    return out, _out_hw(x4, weight, stride, padding)

@@ -2,9 +2,10 @@
 
 ``dwconv_gelu(x, hw, weight, bias, approximate="none", *, backend=None)``; see the function.
 
-Backends: ``triton`` (fused kernels, a ``torch.library`` custom op with fake and autograd
-registrations), ``torch`` (channels-last depthwise conv on a zero-copy NCHW view of the tokens +
-GELU: no layout copy), ``reference`` (``segformer_fast.reference.dwconv_gelu``).
+Implementations (``segformer_fast.backends``): ``triton`` (fused kernels, a ``torch.library``
+custom op with fake, autograd and autocast registrations), ``torch`` (channels-last depthwise conv
+on a zero-copy NCHW view of the tokens + GELU: no layout copy), ``reference``
+(``segformer_fast.reference.dwconv_gelu``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import resolve
+from ..backends import Impl, register, triton_impl
+from ._common import autocast_policy, choose, needs_grad, register_autocast, size_pair
 
 __all__ = ["dwconv_gelu"]
 
@@ -31,10 +33,9 @@ def _check(x, hw, weight, bias, approximate) -> tuple[int, int]:
         raise ValueError(f"dwconv_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     if x.dim() != 3:
         raise ValueError(f"dwconv_gelu: x must be tokens (B, N, C), got shape {tuple(x.shape)}")
-    try:
-        H, W = (int(v) for v in hw)
-    except (TypeError, ValueError):
-        raise TypeError(f"dwconv_gelu: hw must be a pair of ints (H, W), got {hw!r}") from None
+    if not isinstance(hw, (tuple, list, torch.Size)):
+        raise TypeError(f"dwconv_gelu: hw must be a pair of ints (H, W), got {hw!r}")
+    H, W = size_pair(hw, "hw", "dwconv_gelu")
     B, N, C = x.shape
     if H <= 0 or W <= 0 or H * W != N:
         raise ValueError(f"dwconv_gelu: hw=({H}, {W}) gives H*W={H * W} tokens but x has N={N} "
@@ -129,27 +130,35 @@ def _backward(ctx, grad):
 
 
 _dwconv_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_dwconv_gelu_op, "lower")
+register_autocast(_dwconv_gelu_bwd_op, "keep")
 
 
 # ---------------------------------------------------------------------------------------------
 
+def _reference(x, H, W, weight, bias, approximate):
+    return reference.dwconv_gelu(x, (H, W), weight, bias, approximate)
+
+
+IMPLS = register("dwconv_gelu", [
+    triton_impl(_dwconv_gelu_op),
+    Impl("torch", _torch_impl, onnx=True),
+    Impl("reference", _reference, onnx=True),
+])
+
+
+@autocast_policy
 def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor | None,
                 approximate: str = "none", *, backend: str | None = None) -> Tensor:
     """Depthwise 3x3 conv (stride 1, zero padding 1) + bias + GELU on tokens, tokens out.
 
     x: (B, N, C) tokens with N = H*W in row-major order (``flatten(2).transpose(1, 2)`` of an
-    NCHW map); hw = (H, W); weight (C, 1, 3, 3); bias (C,) or None; approximate "none" (exact
-    erf GELU) or "tanh". Same dtype and device for all tensors. Returns (B, N, C), equal to
-    ``segformer_fast.reference.dwconv_gelu``. ``backend`` pins a backend (default: the
+    NCHW map); hw = (H, W) (ints, or SymInts while tracing); weight (C, 1, 3, 3); bias (C,) or
+    None; approximate "none" (exact erf GELU) or "tanh". Same dtype and device for all tensors
+    (under autocast all run in the autocast dtype). Returns (B, N, C), equal to
+    ``segformer_fast.reference.dwconv_gelu``. ``backend`` pins an implementation (default: the
     process-wide choice, see ``segformer_fast.backends``). Differentiable in x, weight, bias.
     """
     H, W = _check(x, hw, weight, bias, approximate)
-    name = resolve(x.device, backend, native_ops=("triton",))
-    if name == "triton":
-        if x.dtype == torch.float64:
-            raise TypeError("dwconv_gelu: the triton backend takes float32/float16/bfloat16, got float64")
-        return _dwconv_gelu_op(x, H, W, weight, bias, approximate)
-    if name == "torch":
-        return _torch_impl(x, H, W, weight, bias, approximate)
-    return reference.dwconv_gelu(x, (H, W), weight, bias, approximate)
-
+    impl = choose("dwconv_gelu", x.device, x.dtype, needs_grad(x, weight, bias), backend)
+    return impl.run(x, H, W, weight, bias, approximate)

@@ -1,8 +1,9 @@
 """Public op: spatial-reduction attention (many queries, few keys) without the N x M matrix.
 
 ``sra_attention(q, k, v, num_heads, scale=None)``: q (B, N, C), k and v (B, M, C) → (B, N, C).
-Backends: ``triton`` (flash-style kernels, CUDA or the Triton interpreter), ``torch``
-(``scaled_dot_product_attention`` on strided head views), ``reference``.
+Implementations (``segformer_fast.backends``): ``triton`` (flash-style kernels, head dim <= 128:
+one head's K/V tile stays on chip), ``torch`` (``scaled_dot_product_attention`` on strided head
+views, any head dim), ``reference``.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import resolve
+from ..backends import Impl, Inputs, register, triton_impl
+from ._common import autocast_policy, choose, needs_grad, register_autocast
 
 __all__ = ["sra_attention"]
 
-_MAX_HEAD_DIM = 128
+_TRITON_MAX_HEAD_DIM = 128
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale) -> None:
@@ -46,9 +48,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale) -> None:
         raise TypeError(f"sra_attention: num_heads must be a positive int, got {num_heads!r}")
     if C % num_heads:
         raise ValueError(f"sra_attention: C = {C} is not divisible by num_heads = {num_heads}")
-    if C // num_heads > _MAX_HEAD_DIM:
-        raise ValueError(f"sra_attention: head dim C/num_heads = {C // num_heads} exceeds "
-                         f"{_MAX_HEAD_DIM}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"sra_attention: scale must be a float or None, got {type(scale).__name__}")
 
@@ -99,6 +98,8 @@ def _backward(ctx, do, dlse):
 
 
 _sra_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_sra_fwd, "lower")
+register_autocast(_sra_bwd, "keep")
 
 
 # ---------------------------------------------------------------- torch: stock SDPA
@@ -114,25 +115,47 @@ def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -
     return out.transpose(1, 2).reshape(B, N, C)
 
 
+def _run_triton(q, k, v, num_heads, scale):
+    return _sra_fwd(q, k, v, num_heads, scale)[0]
+
+
+def _run_torch(q, k, v, num_heads, scale):
+    if k.shape[1] > 1:
+        return _torch_sdpa(q, k, v, num_heads, scale)
+    # M == 1 (tiny inputs): the score "matrix" is N x 1, and SDPA's fused backward gives dq
+    # rounding noise where the exact gradient is 0 (softmax over one key is constant)
+    return reference.sra_attention(q, k, v, num_heads, scale)
+
+
+def _triton_limits(inputs: Inputs) -> list[str]:
+    d = inputs.facts.get("head_dim")
+    if d is not None and d > _TRITON_MAX_HEAD_DIM:
+        return [f"head dim {d} > {_TRITON_MAX_HEAD_DIM} (one head's K/V tile must fit on chip)"]
+    return []
+
+
+IMPLS = register("sra_attention", [
+    triton_impl(_run_triton, _triton_limits),
+    Impl("torch", _run_torch, onnx=True),
+    Impl("reference", reference.sra_attention, onnx=True),
+])
+
+
+@autocast_policy
 def sra_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float | None = None, *,
                   backend: str | None = None) -> Tensor:
     """Multi-head attention of N queries over M (spatially reduced) keys, never forming N x M.
 
     q: (B, N, C); k, v: (B, M, C) (k and v may be column halves of one (B, M, 2C) tensor: any
     row stride works, only the channel dim must be contiguous). Head h owns channels
-    h*d ... (h+1)*d, d = C // num_heads <= 128; ``scale`` defaults to d**-0.5. Softmax
-    statistics and accumulations are fp32 for every input dtype; fp32 inputs use IEEE dot
-    products. ``backend`` pins one implementation (default: the process-wide choice).
+    h*d ... (h+1)*d, d = C // num_heads (the triton implementation takes d <= 128, the others any
+    d); ``scale`` defaults to d**-0.5. Softmax statistics and accumulations are fp32 for every
+    input dtype; fp32 inputs use IEEE dot products. Under autocast all tensors run in the autocast
+    dtype. ``backend`` pins one implementation (default: the process-wide choice).
     Returns (B, N, C) in q's dtype.
     """
     _check(q, k, v, num_heads, scale)
     d = q.shape[2] // num_heads
     scale = float(d ** -0.5 if scale is None else scale)
-    name = resolve(q.device, backend, native_ops=("triton",))
-    if name == "triton":
-        return _sra_fwd(q, k, v, num_heads, scale)[0]
-    if name == "torch" and k.shape[1] > 1:
-        return _torch_sdpa(q, k, v, num_heads, scale)
-    # M == 1 (tiny inputs): the score "matrix" is N x 1, and SDPA's fused backward gives dq
-    # rounding noise where the exact gradient is 0 (softmax over one key is constant)
-    return reference.sra_attention(q, k, v, num_heads, scale)
+    impl = choose("sra_attention", q.device, q.dtype, needs_grad(q, k, v), backend, head_dim=d)
+    return impl.run(q, k, v, num_heads, scale)

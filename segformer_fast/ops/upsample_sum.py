@@ -5,10 +5,12 @@ maps[i] tokens (B, H_i*W_i, D) with hws[i] = (H_i, W_i) -> tokens (B, size[0]*si
 relu((sum_i up(map_i) + bias) * scale + shift), each term only where given (see
 ``segformer_fast.reference.upsample_sum``).
 
-Backends: ``triton`` (one fused gather kernel forward; epilogue-backward + adjoint-gather kernels
-backward), ``cpu`` (csrc/cpu/upsample_sum.cpp: one pass for fp32 inference; calls needing
-gradients or other dtypes take the ``torch`` path), ``torch`` (F.interpolate on channels-last
-*views* of the tokens, summed in place: no layout copies), ``reference``.
+Implementations (``segformer_fast.backends``): ``triton`` (one fused gather kernel forward;
+epilogue-backward + adjoint-gather kernels backward; at most 4 maps), ``cpu``
+(csrc/cpu/upsample_sum.cpp: one pass, fp32, no backward: ``auto`` takes ``torch`` for calls needing
+gradients or other dtypes, a request for ``cpu`` by name raises for them), ``torch``
+(F.interpolate on channels-last *views* of the tokens, summed in place: no layout copies),
+``reference``.
 """
 from __future__ import annotations
 
@@ -19,12 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import resolve
+from ..backends import Impl, Inputs, needs_native_cpu, register, triton_impl
+from ._common import autocast_policy, choose, needs_grad, register_autocast
 
 __all__ = ["upsample_sum"]
 
 _MAX_TRITON_MAPS = 4
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _is_size(s) -> bool:
+    return isinstance(s, torch.SymInt) or (isinstance(s, int) and not isinstance(s, bool))
 
 
 def _check(maps, hws, size, bias, scale, shift, relu) -> None:
@@ -34,8 +40,8 @@ def _check(maps, hws, size, bias, scale, shift, relu) -> None:
     if not isinstance(hws, (list, tuple)) or len(hws) != len(maps):
         raise ValueError(f"upsample_sum: need one (H, W) per map: {len(maps)} maps, "
                          f"hws={hws!r}")
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
-            isinstance(s, int) and s > 0 for s in size):
+    if not isinstance(size, (list, tuple, torch.Size)) or len(size) != 2 or not all(
+            _is_size(s) and s > 0 for s in size):
         raise ValueError(f"upsample_sum: size must be (H, W) positive ints, got {size!r}")
     first = maps[0]
     for i, (m, hw) in enumerate(zip(maps, hws)):
@@ -55,8 +61,8 @@ def _check(maps, hws, size, bias, scale, shift, relu) -> None:
         if m.shape[0] != first.shape[0] or m.shape[2] != first.shape[2]:
             raise ValueError(f"upsample_sum: maps[{i}] has shape {tuple(m.shape)}, expected "
                              f"(B={first.shape[0]}, H*W, D={first.shape[2]})")
-        if (not isinstance(hw, (list, tuple)) or len(hw) != 2
-                or not all(isinstance(s, int) and s > 0 for s in hw)):
+        if (not isinstance(hw, (list, tuple, torch.Size)) or len(hw) != 2
+                or not all(_is_size(s) and s > 0 for s in hw)):
             raise ValueError(f"upsample_sum: hws[{i}] must be (H, W) positive ints, got {hw!r}")
         if hw[0] * hw[1] != m.shape[1]:
             raise ValueError(f"upsample_sum: maps[{i}] has N = {m.shape[1]} tokens but hws[{i}] = "
@@ -77,17 +83,15 @@ def _check(maps, hws, size, bias, scale, shift, relu) -> None:
         raise TypeError(f"upsample_sum: relu must be a bool, got {type(relu).__name__}")
 
 
-def _triton_limits(maps) -> None:
-    if len(maps) > _MAX_TRITON_MAPS:
-        raise ValueError(f"upsample_sum: the triton backend takes at most {_MAX_TRITON_MAPS} maps, "
-                         f"got {len(maps)}")
-    if maps[0].dtype not in _TRITON_DTYPES:
-        raise TypeError(f"upsample_sum: the triton backend takes float16/bfloat16/float32 maps, got "
-                        f"{maps[0].dtype}")
+def _triton_limits(inputs: Inputs) -> list[str]:
+    n = inputs.facts.get("maps")
+    if n is not None and n > _MAX_TRITON_MAPS:
+        return [f"at most {_MAX_TRITON_MAPS} maps, got {n}"]
+    return []
 
 
 def _pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
-    return [(int(flat[2 * i]), int(flat[2 * i + 1])) for i in range(len(flat) // 2)]
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
 
 
 # ---------------------------------------------------------------- triton: torch.library ops
@@ -157,19 +161,22 @@ def _backward(ctx, grad):
         dz = grad
         if bias is not None:
             dbias = grad.sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype)
-    up = [i for i, hw in enumerate(hws) if hw != size]
+    up = [i for i, hw in enumerate(hws) if tuple(hw) != size]
     grads: list = [None] * len(maps)
     if up:
         flat = [s for i in up for s in hws[i]]
         for i, g in zip(up, torch.ops.segformer_fast.upsample_adjoint(dz, flat, ctx.size, maps[0].dtype)):
             grads[i] = g
     for i, hw in enumerate(hws):
-        if hw == size:
+        if tuple(hw) == size:
             grads[i] = dz.to(maps[i].dtype)
     return grads, None, None, dbias, dscale, dshift, None
 
 
-torch.library.register_autograd("segformer_fast::upsample_sum", _backward, setup_context=_setup_context)
+_upsample_sum_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_upsample_sum_op, "lower")
+register_autocast(_epilogue_bwd_op, "keep")
+register_autocast(_adjoint_op, "keep")
 
 
 # ---------------------------------------------------------------- torch: stock composition
@@ -228,10 +235,31 @@ def _(maps, hws, size, bias, scale, shift, relu):
     return maps[0].new_empty(maps[0].shape[0], size[0] * size[1], maps[0].shape[2])
 
 
-def _cpu_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+register_autocast(_upsample_sum_cpu, "fp32")
+
+
+def _run_cpu(maps, hws, size, bias, scale, shift, relu) -> Tensor:
     return _upsample_sum_cpu(list(maps), [s for hw in hws for s in hw], list(size), bias, scale, shift, relu)
 
 
+def _run_triton(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+    return _upsample_sum_op(list(maps), [s for hw in hws for s in hw], list(size), bias, scale, shift, relu)
+
+
+def _run_reference(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+    return reference.upsample_sum(maps, hws, size, bias=bias, scale=scale, shift=shift, relu=relu)
+
+
+IMPLS = register("upsample_sum", [
+    triton_impl(_run_triton, _triton_limits),
+    Impl("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,), backward=False,
+         requires=needs_native_cpu),
+    Impl("torch", _torch_impl, onnx=True),
+    Impl("reference", _run_reference, onnx=True),
+])
+
+
+@autocast_policy
 def upsample_sum(maps: Sequence[Tensor], hws: Sequence[tuple[int, int]], size: tuple[int, int],
                  bias: Tensor | None = None, scale: Tensor | None = None, shift: Tensor | None = None,
                  relu: bool = False, *, backend: str | None = None) -> Tensor:
@@ -240,26 +268,15 @@ def upsample_sum(maps: Sequence[Tensor], hws: Sequence[tuple[int, int]], size: t
     maps[i]: tokens (B, H_i*W_i, D), channels contiguous, with hws[i] = (H_i, W_i); each map is
     upsampled to ``size`` (bilinear, align_corners=False, F.interpolate's index math; a map already
     at ``size`` passes unchanged), the maps are summed, then ``+ bias``, ``* scale + shift`` (eval
-    BatchNorm, folded) and ReLU, each only where given (bias/scale/shift: (D,)).
+    BatchNorm, folded) and ReLU, each only where given (bias/scale/shift: (D,)). Sizes may be
+    SymInts while tracing. Under autocast all tensors run in the autocast dtype.
     Returns tokens (B, size[0]*size[1], D) in the maps' dtype. Differentiable in maps, bias, scale
-    and shift. ``backend`` pins one backend (None: the process-wide choice).
+    and shift (the ``cpu`` implementation has no backward: see the module docstring).
+    ``backend`` pins one implementation (None: the process-wide choice).
     """
     _check(maps, hws, size, bias, scale, shift, relu)
-    name = resolve(maps[0].device, backend, native_ops=("triton", "cpu"))
-    hws = [(int(h), int(w)) for h, w in hws]
-    size = (int(size[0]), int(size[1]))
-    if name == "cpu":
-        params = [t for t in (bias, scale, shift) if t is not None]
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(maps) + params)
-        if grad or maps[0].dtype != torch.float32:
-            name = "torch"      # the native kernel is fp32 inference; the composition does the rest
-        else:
-            return _cpu_impl(maps, hws, size, bias, scale, shift, relu)
-    if name == "triton":
-        _triton_limits(maps)
-        flat = [s for hw in hws for s in hw]
-        return torch.ops.segformer_fast.upsample_sum(list(maps), flat, list(size), bias, scale, shift,
-                                                     relu)
-    if name == "torch":
-        return _torch_impl(maps, hws, size, bias, scale, shift, relu)
-    return reference.upsample_sum(maps, hws, size, bias=bias, scale=scale, shift=shift, relu=relu)
+    hws = [tuple(hw) for hw in hws]
+    size = tuple(size)
+    impl = choose("upsample_sum", maps[0].device, maps[0].dtype,
+                  needs_grad(*maps, bias, scale, shift), backend, maps=len(maps))
+    return impl.run(list(maps), hws, size, bias, scale, shift, relu)
