@@ -23,7 +23,7 @@ def dwconv_gelu_cost(B: int, H: int, W: int, C: int, dtype_bytes: int = 2, backw
                      layout_copies: int = 2) -> dict:
     """``compare(reference, fused)`` for one call at (B, H*W, C); forward, or forward+backward
     when ``backward``. Weights (C*10 values) are counted; they are negligible."""
-    from ..kernels.triton.dwconv_gelu import bwd_partial_rows, bwd_conv_config
+    from ..kernels.triton.dwconv_gelu import bwd_partial_rows, launch_config
 
     E = B * H * W * C
     s = dtype_bytes
@@ -41,8 +41,8 @@ def dwconv_gelu_cost(B: int, H: int, W: int, C: int, dtype_bytes: int = 2, backw
         ref_flops += _GELU_GRAD_FLOPS * E + 2 * 2 * 9 * E + E
         # fused: act kernel (x, dy -> g), conv kernel (g, x -> dx + partials), reduce.
         G = bwd_partial_rows(B, H * W, C)
-        n_ctiles = -(-C // bwd_conv_config(C).block_c)
-        partial_bytes = G * n_ctiles * 10 * bwd_conv_config(C).block_c * 4
+        block_c = launch_config("bwd_conv", C)["BLOCK_C"]
+        partial_bytes = G * -(-C // block_c) * 10 * block_c * 4
         fused_bytes += 3 * E * s + 3 * E * s + 2 * partial_bytes + 2 * wbytes
         # the backward recomputes the conv for gelu'(pre)
         fused_flops += conv_flops + _GELU_GRAD_FLOPS * E + 2 * 2 * 9 * E + E

@@ -22,11 +22,11 @@ arithmetic issue never arises.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from .common import LaunchConfig, load_vec, pow2_block, row_tile
 
 # Module constants used inside @triton.jit must be constexpr (the compiler refuses plain globals).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)        # 1/sqrt(2)
@@ -82,50 +82,40 @@ def _conv3x3_tile(x_ptr, w_ptr, base, offs_p, h, w, mask_p, offs_c, mask_c, H, W
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C,
+def _preact_tile(x_ptr, w_ptr, b_ptr, N, H, W, C, HAS_BIAS: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of the pre-activation conv(x) + b (BLOCK_P, BLOCK_C) fp32, shared by
+    the forward and the (recomputing) backward kernel, with the tile's flat int64 offsets into
+    (B, N, C) tokens and its mask. Token tiles vary fastest across programs (axis 0), so
+    concurrently running programs share input rows in L2."""
+    b = tl.program_id(2)
+    offs_p, offs_c, mask_p, mask_c = row_tile(tl.program_id(0), tl.program_id(1), N, C, BLOCK_P, BLOCK_C)
+    base = b.to(tl.int64) * N * C
+    pre = _conv3x3_tile(x_ptr, w_ptr, base, offs_p, offs_p // W, offs_p % W, mask_p, offs_c, mask_c,
+                        H, W, C, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        pre += load_vec(b_ptr, offs_c, mask_c)
+    off = base + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+    return pre, off, mask_p[:, None] & mask_c[None, :]
+
+
+# Kernel arguments: x, dy, g, dx (B, N = H*W, C) contiguous tokens; w (C, 1, 3, 3) contiguous;
+# b (C,) (a dummy pointer when HAS_BIAS is False); part (G, 10, C) fp32; dw (C, 9) and db (C,) fp32.
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C,     # y (B, N, C)
                 HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Token tiles vary fastest so concurrently running programs share input rows in L2.
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < N
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    base = b.to(tl.int64) * N * C
-    acc = _conv3x3_tile(x_ptr, w_ptr, base, offs_p, h, w, mask_p, offs_c, mask_c, H, W, C,
-                        BLOCK_P, BLOCK_C)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    y = _gelu(acc, APPROX_TANH)
-    dst = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(y_ptr + base + dst, y.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    pre, off, m = _preact_tile(x_ptr, w_ptr, b_ptr, N, H, W, C, HAS_BIAS, BLOCK_P, BLOCK_C)
+    tl.store(y_ptr + off, _gelu(pre, APPROX_TANH).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _bwd_act_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, N, H, W, C,
                     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < N
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    base = b.to(tl.int64) * N * C
     # Recompute the pre-activation: the forward did not store it.
-    pre = _conv3x3_tile(x_ptr, w_ptr, base, offs_p, h, w, mask_p, offs_c, mask_c, H, W, C,
-                        BLOCK_P, BLOCK_C)
-    if HAS_BIAS:
-        pre += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    off = base + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-    m = mask_p[:, None] & mask_c[None, :]
+    pre, off, m = _preact_tile(x_ptr, w_ptr, b_ptr, N, H, W, C, HAS_BIAS, BLOCK_P, BLOCK_C)
     dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
     g = dy * _gelu_grad(pre, APPROX_TANH)
     tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=m)
@@ -193,53 +183,42 @@ def _reduce_kernel(part_ptr, dw_ptr, db_ptr, G, C, BLOCK_C: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration: the one place that picks tiles, used by the launchers and the AOT test.
+# Launch configuration: the one place that picks tiles (``python -m segformer_fast kernels``
+# compiles what the launchers launch with it).
 
 # Backward conv programs: ~4 per SM of an H100 (132 SMs), 8 warps each, each looping over
 # many token tiles; bounds the fp32 partials to 512 * 10 * BLOCK_C * 4 B = 2.6 MB.
 BWD_TARGET_PROGRAMS = 512
 
 
-@dataclass(frozen=True)
-class Config:
-    block_p: int
-    block_c: int
-    num_warps: int
-
-
 def block_c(C: int) -> int:
     """128 channels per tile (16 B vectors per thread in fp16, 512 B row segments in fp32);
     every real SegFormer hidden size (128 ... 2048) is a multiple of 128, so no channel mask
     is ever partial there. Small C gets a smaller power of two (>= 16)."""
-    return max(16, min(128, triton.next_power_of_2(C)))
+    return pow2_block(C, hi=128)
 
 
-def fwd_config(C: int) -> Config:
-    # 8 tokens x 128 channels over 8 warps: 4 outputs per thread, each a 4-wide contiguous
-    # channel vector (8 B fp16 / 16 B fp32; a warp covers one 256/512 B row segment). ptxas
-    # hoists the 9 tap loads per output for latency, so registers scale with outputs per
-    # thread: 16 x 128 over 4 warps took 154-214 registers, and in the backward conv kernel
-    # 16-32 x 128 tiles reached 255 registers with spills on sm_90 (measured, AOT test).
+def launch_config(kernel: str, C: int) -> LaunchConfig:
+    """Tiles of ``kernel`` ("fwd", "bwd_act", "bwd_conv", "reduce") for C channels.
+
+    The three token-tile kernels share one: 8 tokens x 128 channels over 8 warps, 4 outputs per
+    thread, each a 4-wide contiguous channel vector (8 B fp16 / 16 B fp32; a warp covers one
+    256/512 B row segment). ptxas hoists the 9 tap loads per output for latency, so registers
+    scale with outputs per thread: 16 x 128 over 4 warps took 154-214 registers, and in the
+    backward conv kernel 16-32 x 128 tiles reached 255 registers with spills on sm_90
+    (measured with ptxas). The reduction sums (G, 10, C) partial rows, one channel tile each."""
     bc = block_c(C)
-    return Config(block_p=max(8, 1024 // bc), block_c=bc, num_warps=8)
-
-
-def bwd_act_config(C: int) -> Config:
-    return fwd_config(C)
-
-
-def bwd_conv_config(C: int) -> Config:
-    return fwd_config(C)
-
-
-def reduce_config(C: int) -> Config:
-    return Config(block_p=1, block_c=block_c(C), num_warps=4)
+    if kernel in ("fwd", "bwd_act", "bwd_conv"):
+        return LaunchConfig(BLOCK_P=max(8, 1024 // bc), BLOCK_C=bc, num_warps=8)
+    if kernel == "reduce":
+        return LaunchConfig(BLOCK_C=bc, num_warps=4)
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 def bwd_partial_rows(B: int, N: int, C: int, target: int | None = None) -> int:
-    cfg = bwd_conv_config(C)
-    tiles = B * triton.cdiv(N, cfg.block_p)
-    n_c = triton.cdiv(C, cfg.block_c)
+    cfg = launch_config("bwd_conv", C)
+    tiles = B * triton.cdiv(N, cfg["BLOCK_P"])
+    n_c = triton.cdiv(C, cfg["BLOCK_C"])
     target = BWD_TARGET_PROGRAMS if target is None else target
     return max(1, min(tiles, target // n_c if target >= n_c else 1))
 
@@ -252,11 +231,10 @@ def forward(x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias: torch.T
     """y = gelu(dwconv3x3(x) + bias) on contiguous tokens x (B, H*W, C)."""
     B, N, C = x.shape
     y = torch.empty_like(x)
-    cfg = fwd_config(C)
-    grid = (triton.cdiv(N, cfg.block_p), triton.cdiv(C, cfg.block_c), B)
+    cfg = launch_config("fwd", C)
+    grid = (triton.cdiv(N, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
     _fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, N, H, W, C,
-                      HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                      BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+                      HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **cfg.kwargs())
     return y
 
 
@@ -268,104 +246,26 @@ def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Te
     (tests use it to exercise the multi-tile loop on tiny shapes)."""
     B, N, C = x.shape
     g = torch.empty_like(x)
-    cfg = bwd_act_config(C)
-    grid = (triton.cdiv(N, cfg.block_p), triton.cdiv(C, cfg.block_c), B)
+    cfg = launch_config("bwd_act", C)
+    grid = (triton.cdiv(N, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
     _bwd_act_kernel[grid](x, weight, bias if bias is not None else weight, dy, g, N, H, W, C,
-                          HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                          BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+                          HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **cfg.kwargs())
 
-    cfg = bwd_conv_config(C)
-    num_ptiles = triton.cdiv(N, cfg.block_p)
+    cfg = launch_config("bwd_conv", C)
+    num_ptiles = triton.cdiv(N, cfg["BLOCK_P"])
     T = B * num_ptiles
     G = partial_rows if partial_rows is not None else bwd_partial_rows(B, N, C)
     G = max(1, min(G, T))
     iters = triton.cdiv(T, G)
     dx = torch.empty_like(x)
     part = torch.empty((G, 10, C), device=x.device, dtype=torch.float32)
-    _bwd_conv_kernel[(G, triton.cdiv(C, cfg.block_c))](
-        x, g, weight, dx, part, N, H, W, C, T, num_ptiles, iters,
-        BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    _bwd_conv_kernel[(G, triton.cdiv(C, cfg["BLOCK_C"]))](
+        x, g, weight, dx, part, N, H, W, C, T, num_ptiles, iters, **cfg.kwargs())
 
-    rc = reduce_config(C)
+    cfg = launch_config("reduce", C)
     dw = torch.empty((C, 1, 3, 3), device=x.device, dtype=torch.float32)
     db = torch.empty((C,), device=x.device, dtype=torch.float32)
-    _reduce_kernel[(triton.cdiv(C, rc.block_c),)](part, dw, db, G, C, BLOCK_C=rc.block_c,
-                                                  num_warps=rc.num_warps)
+    _reduce_kernel[(triton.cdiv(C, cfg["BLOCK_C"]),)](part, dw, db, G, C, **cfg.kwargs())
     dweight = dw.to(weight.dtype)
     dbias = db.to(bias.dtype if bias is not None else weight.dtype)
     return dx, dweight, dbias
-
-
-# ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs: (kernel, signature, constexprs, divisible_by_16, num_warps) for
-# every kernel variant that runs at real shapes (C a multiple of 128, 16-aligned allocations).
-
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def aot_specs(C: int, dtype: torch.dtype, approximate: str = "none", has_bias: bool = True):
-    t = "*" + _TY[dtype]
-    f = fwd_config(C)
-    a = bwd_act_config(C)
-    k = bwd_conv_config(C)
-    r = reduce_config(C)
-    tanh = approximate == "tanh"
-    ints16 = ("N", "C")   # N = H*W is a multiple of 16 at every real stage size (>= 16x16 maps)
-    return [
-        (_fwd_kernel,
-         {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "N": "i32", "H": "i32", "W": "i32",
-          "C": "i32", "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr", "BLOCK_P": "constexpr",
-          "BLOCK_C": "constexpr"},
-         {"HAS_BIAS": has_bias, "APPROX_TANH": tanh, "BLOCK_P": f.block_p, "BLOCK_C": f.block_c},
-         ("x_ptr", "w_ptr", "b_ptr", "y_ptr") + ints16, f.num_warps),
-        (_bwd_act_kernel,
-         {"x_ptr": t, "w_ptr": t, "b_ptr": t, "dy_ptr": t, "g_ptr": t, "N": "i32", "H": "i32",
-          "W": "i32", "C": "i32", "HAS_BIAS": "constexpr", "APPROX_TANH": "constexpr",
-          "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-         {"HAS_BIAS": has_bias, "APPROX_TANH": tanh, "BLOCK_P": a.block_p, "BLOCK_C": a.block_c},
-         ("x_ptr", "w_ptr", "b_ptr", "dy_ptr", "g_ptr") + ints16, a.num_warps),
-        (_bwd_conv_kernel,
-         {"x_ptr": t, "g_ptr": t, "w_ptr": t, "dx_ptr": t, "part_ptr": "*fp32", "N": "i32",
-          "H": "i32", "W": "i32", "C": "i32", "T": "i32", "num_ptiles": "i32", "iters": "i32",
-          "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-         {"BLOCK_P": k.block_p, "BLOCK_C": k.block_c},
-         ("x_ptr", "g_ptr", "w_ptr", "dx_ptr", "part_ptr") + ints16, k.num_warps),
-        (_reduce_kernel,
-         {"part_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "G": "i32", "C": "i32",
-         "BLOCK_C": "constexpr"},
-         {"BLOCK_C": r.block_c},
-         ("part_ptr", "dw_ptr", "db_ptr", "C"), r.num_warps),
-    ]
-
-
-def real_shape_specs(channels=(128, 256, 512, 640, 1024, 1280, 2048),
-                     dtypes=(torch.float16, torch.float32), approximates=("none", "tanh")):
-    """Every distinct compiled variant the launchers use at these hidden sizes (B0 and B2 Mix-FFN
-    widths by default): dedupes ``aot_specs`` on (kernel, signature, constexprs, num_warps)."""
-    seen = {}
-    for C in channels:
-        for dtype in dtypes:
-            for approx in approximates:
-                for fn, sig, ce, div, nw in aot_specs(C, dtype, approx):
-                    key = (fn.__name__, tuple(sig.values()), tuple(sorted(ce.items())), nw)
-                    seen.setdefault(key, (fn, sig, ce, div, nw))
-    return list(seen.values())
-
-
-def aot_report_lines() -> list[tuple]:
-    """(kernel, constexprs, pointer type, arch, warps, registers, spills, smem) for every real-shape
-    variant on sm_80 and sm_90. Needs TRITON_INTERPRET off (interpreted functions cannot be
-    lowered): tests run ``python -m segformer_fast.kernels.triton.dwconv_gelu`` in a subprocess."""
-    from ...analysis.aot import compile_report
-    rows = []
-    for fn, sig, ce, div, nw in real_shape_specs():
-        for arch in (80, 90):
-            r = compile_report(fn, sig, ce, arch, divisible_by_16=div, num_warps=nw)
-            rows.append((r.kernel, ",".join(f"{k}={v}" for k, v in sorted(ce.items())),
-                         next(iter(sig.values())), arch, nw, r.registers, r.spills, r.shared_bytes))
-    return rows
-
-
-if __name__ == "__main__":
-    import json
-    print(json.dumps(aot_report_lines()))
