@@ -1,5 +1,5 @@
 """conv + LayerNorm (patch embedding, sequence reduction): Triton kernels under the interpreter,
-the torch backend, input checks, drop-in modules, torch.compile, AOT compile stats, cost model."""
+the torch backend, input checks, drop-in modules, torch.compile, AOT compile stats (cost model: tests/test_cost_models.py)."""
 from __future__ import annotations
 
 import json
@@ -24,10 +24,20 @@ CASES = [
     ("sr4_floor", 2, 64, 29, 37, 64, 4, 4, 0, True, 1e-6),
     ("sr8_9x8", 1, 32, 9, 8, 32, 8, 8, 0, True, 1e-5),
 ]
+# SegFormer scale, CUDA only (the GPU tile configurations): B1+ stem at 512^2, stage-2 embedding,
+# stage-1 sequence reduction (sr 8)
+GPU_CASES = [
+    ("b1_stem_512", 2, 3, 512, 512, 64, 7, 4, 3, False, 1e-6),
+    ("b1_embed2", 2, 64, 128, 128, 128, 3, 2, 1, True, 1e-6),
+    ("b1_sr8", 2, 64, 128, 128, 64, 8, 8, 0, True, 1e-5),
+]
 IDS = [c[0] for c in CASES]
+ALL = [pytest.param(c, id=c[0]) for c in CASES] + [pytest.param(c, id=c[0], marks=pytest.mark.gpu)
+                                                   for c in GPU_CASES]
 
 
-def make_args(B, Cin, H, W, Cout, k, stride, padding, tokens, eps, scale=1.0, bias=True, affine=True, seed=0):
+def make_args(B, Cin, H, W, Cout, k, stride, padding, tokens, eps, scale=1.0, bias=True, affine=True, seed=0,
+              device="cpu"):
     """Realistic-scale weights (std 1/sqrt(fan_in), LayerNorm affine away from identity)."""
     conv = nn.Conv2d(Cin, Cout, k, stride, padding, bias=bias)
     ln = nn.LayerNorm(Cout, eps=eps, elementwise_affine=affine)
@@ -38,7 +48,7 @@ def make_args(B, Cin, H, W, Cout, k, stride, padding, tokens, eps, scale=1.0, bi
     if tokens:
         x = x.flatten(2).transpose(1, 2).contiguous()
     ts = [x, conv.weight, conv.bias, ln.weight, ln.bias]
-    ts = [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+    ts = [None if t is None else t.detach().to(device).requires_grad_() for t in ts]
     return ts + [stride, padding, eps, (H, W) if tokens else None]
 
 
@@ -70,32 +80,32 @@ def _report(results):
         print(r)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_triton_fp32_forward_backward(case, launches):
-    args = make_args(*case[1:])
+@pytest.mark.parametrize("case", ALL)
+def test_triton_fp32_forward_backward(case, launches, device):
+    args = make_args(*case[1:], device=device)
     _report(check_op(_op("triton"), R.conv_layernorm, args, torch.float32, name=f"triton {case[0]}"))
     assert launches["fwd"] >= 1 and launches["bwd"] >= 1, launches
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_triton_low_precision_forward(case, dtype, launches):
-    args = make_args(*case[1:])
+@pytest.mark.parametrize("case", ALL)
+def test_triton_low_precision_forward(case, dtype, launches, device):
+    args = make_args(*case[1:], device=device)
     _report(check_op(_op("triton"), R.conv_layernorm, args, dtype, backward=False, name=f"triton {case[0]}"))
     assert launches["fwd"] >= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_large_magnitude(dtype, launches):
+def test_triton_large_magnitude(dtype, launches, device):
     # inputs of magnitude ~300 (conv outputs ~1e2..1e3: fp16-safe, LayerNorm must cancel the scale)
-    args = make_args(2, 40, 23, 31, 72, 3, 2, 1, True, 1e-6, scale=300.0, seed=3)
+    args = make_args(2, 40, 23, 31, 72, 3, 2, 1, True, 1e-6, scale=300.0, seed=3, device=device)
     _report(check_op(_op("triton"), R.conv_layernorm, args, dtype, backward=dtype == torch.float32,
                      name="triton large"))
     assert launches["fwd"] >= 1
 
 
-def test_triton_without_bias_and_affine(launches):
-    args = make_args(1, 24, 11, 13, 40, 3, 2, 1, True, 1e-5, bias=False, affine=False)
+def test_triton_without_bias_and_affine(launches, device):
+    args = make_args(1, 24, 11, 13, 40, 3, 2, 1, True, 1e-5, bias=False, affine=False, device=device)
     _report(check_op(_op("triton"), R.conv_layernorm, args, torch.float32, name="triton no-affine"))
     assert launches["fwd"] >= 1 and launches["bwd"] >= 1
 
@@ -113,9 +123,9 @@ def test_triton_non_contiguous_tokens(launches):
     assert launches["fwd"] == 1
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_torch_backend_contract(case, launches):
-    args = make_args(*case[1:])
+@pytest.mark.parametrize("case", ALL)
+def test_torch_backend_contract(case, launches, device):
+    args = make_args(*case[1:], device=device)
     _report(check_op(_op("torch"), R.conv_layernorm, args, torch.float32, name=f"torch {case[0]}"))
     _report(check_op(_op("torch"), R.conv_layernorm, args, torch.float16, backward=False, name=f"torch {case[0]}"))
     assert launches == {"fwd": 0, "bwd": 0}
@@ -157,91 +167,6 @@ def test_bad_inputs_raise_before_launch(name, args, exc, match, launches):
     with pytest.raises(exc, match=match):
         conv_layernorm(*args, backend="triton")
     assert launches == {"fwd": 0, "bwd": 0}
-
-
-# ----------------------------------------------------------------------------------------------
-# drop-in modules
-
-class _MMSegPatchEmbed(nn.Module):
-    """mmseg 1.x PatchEmbed's shape: `projection` conv + `norm`, returns (tokens, (H, W))."""
-
-    def __init__(self, cin, cout, k, s, p):
-        super().__init__()
-        self.adap_padding = None          # mmseg names it so; set only for padding="corner"
-        self.projection = nn.Conv2d(cin, cout, k, s, p)
-        self.norm = nn.LayerNorm(cout, eps=1e-6)
-
-    def forward(self, x):
-        x = self.projection(x)
-        hw = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw
-
-
-def _patch_modules():
-    from segformer_fast.models.segformer import OverlapPatchEmbed
-    mods = [("nvlabs", OverlapPatchEmbed(3, 32, 7, 4), "image"),
-            ("nvlabs_k3", OverlapPatchEmbed(16, 24, 3, 2, eps=1e-6), "image"),
-            ("mmseg", _MMSegPatchEmbed(3, 16, 7, 4, 3), "image")]
-    try:
-        from transformers.models.segformer import modeling_segformer as hf
-        mods.append(("hf", hf.SegformerOverlapPatchEmbeddings(3, 4, 3, 32), "image"))
-        if hasattr(hf, "SegformerSequenceReduction"):
-            mods.append(("hf_sr", hf.SegformerSequenceReduction(16, 4), "sr"))
-    except ImportError:
-        pass
-    return mods
-
-
-def _compare_modules(m, fused, kind, backend):
-    cin = getattr(fused, fused._conv_name).in_channels
-    x = torch.randn(2, cin, 13, 10) if kind == "sr" else torch.randn(2, cin, 29, 22)
-    if kind == "sr":
-        x = x.flatten(2).transpose(1, 2).contiguous()
-        call = lambda mod: mod(x, 13, 10)
-    else:
-        call = lambda mod: mod(x)
-    outs = []
-    for mod in (m, fused):
-        mod.zero_grad()
-        out = call(mod)
-        first = out if isinstance(out, torch.Tensor) else out[0]
-        (first * torch.linspace(-1, 1, first.shape[-1])).square().sum().backward()
-        outs.append((out, {n: p.grad.clone() for n, p in mod.named_parameters()}))
-    (o_ref, g_ref), (o_new, g_new) = outs
-    if isinstance(o_ref, torch.Tensor):
-        torch.testing.assert_close(o_new, o_ref, rtol=1e-4, atol=1e-4)
-    else:
-        assert len(o_new) == len(o_ref) and o_new[1:] == o_ref[1:]   # same H, W convention
-        torch.testing.assert_close(o_new[0], o_ref[0], rtol=1e-4, atol=1e-4)
-    assert g_new.keys() == g_ref.keys()
-    for n in g_ref:
-        torch.testing.assert_close(g_new[n], g_ref[n], rtol=1e-4, atol=1e-4, msg=n)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name,m,kind", _patch_modules(), ids=[c[0] for c in _patch_modules()])
-def test_drop_in_modules(name, m, kind, backend, launches):
-    from segformer_fast.nn.patch_embed import FusedOverlapPatchEmbed, FusedSequenceReduction
-    init_realistic_(m)
-    cls = FusedSequenceReduction if kind == "sr" else FusedOverlapPatchEmbed
-    fused = cls.from_module(m, backend=backend)
-    assert list(fused.state_dict()) == list(m.state_dict())
-    assert {id(p) for p in fused.parameters()} == {id(p) for p in m.parameters()}
-    _compare_modules(m, fused, kind, backend)
-    if backend == "triton":
-        assert launches["fwd"] >= 1 and launches["bwd"] >= 1
-
-
-def test_drop_in_reads_eps_and_rejects_unsupported():
-    from segformer_fast.nn import FusedOverlapPatchEmbed
-    from segformer_fast.models.segformer import OverlapPatchEmbed
-    m = OverlapPatchEmbed(3, 8, 3, 2, eps=1e-6)
-    assert FusedOverlapPatchEmbed.from_module(m)._run.__self__.norm.eps == 1e-6
-    m.proj = nn.Conv2d(3, 8, 3, 2, 1, groups=1, dilation=2)
-    with pytest.raises(ValueError, match="dilation"):
-        FusedOverlapPatchEmbed.from_module(m)
-    with pytest.raises(ValueError, match="conv/LayerNorm"):
-        FusedOverlapPatchEmbed.from_module(nn.Linear(3, 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,26 +235,3 @@ def test_aot_compile_every_config():
     for job, r in zip(jobs, results):
         assert r["spills"] == 0, (job, r)
         assert r["shared_bytes"] <= 100 * 1024, (job, r)
-
-
-def test_cost_model_sane():
-    from segformer_fast.analysis.conv_layernorm import conv_layernorm_cost
-    # B0 at 512^2: stem, stage-2 embedding, stage-1 sequence reduction (sr 8, token input)
-    for args in [(1, 3, 512, 512, 32, 7, 4, 3, torch.float16, False),
-                 (1, 32, 128, 128, 64, 3, 2, 1, torch.float16, True),
-                 (1, 32, 128, 128, 32, 8, 8, 0, torch.float16, True)]:
-        for backward in (False, True):
-            c = conv_layernorm_cost(*args, backward=backward)
-            print(c["reference"], "|", c["fused"], f"| bytes x{c['bytes_ratio']:.2f}")
-            assert c["fused"].bytes < c["reference"].bytes
-            assert c["roofline_speedup"] >= 1.0
-            assert c["fused"].flops >= c["reference"].flops > 0
-
-
-def test_mmseg_adaptive_padding_is_refused():
-    from segformer_fast.nn import FusedOverlapPatchEmbed
-
-    m = _MMSegPatchEmbed(3, 16, 7, 4, 3)
-    m.adap_padding = nn.ZeroPad2d(1)        # stand-in for mmseg's AdaptivePadding module
-    with pytest.raises(ValueError, match="adaptive padding"):
-        FusedOverlapPatchEmbed.from_module(m)

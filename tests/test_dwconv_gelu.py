@@ -1,25 +1,19 @@
 """dwconv_gelu (Mix-FFN core): Triton kernels under the interpreter, torch backend, input checks,
-FusedMixFFN against NVlabs/seed/ours and HF modules, AOT compile stats, traffic model."""
+AOT compile stats (cost models: tests/test_cost_models.py; the patched Mix-FFN modules: tests/test_parts.py)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 import segformer_fast.ops as sf_ops
 from segformer_fast import reference
 from segformer_fast.kernels.triton import dwconv_gelu as K
-from segformer_fast.nn import FusedMixFFN
 from segformer_fast.ops.dwconv_gelu import dwconv_gelu
-from segformer_fast.testing import check_op, init_realistic_
-from legacy_hf import run_legacy
+from segformer_fast.testing import check_op
 
 # (B, H, W, C, approximate, input scale): the issue's shapes plus 3x5x160 (two channel tiles).
 CASES = {
@@ -30,14 +24,24 @@ CASES = {
     "6x5_tanh": (1, 6, 5, 32, "tanh", 1.0),
     "3x5_c160": (1, 3, 5, 160, "none", 1.0),
 }
+# SegFormer scale, CUDA only: B0 stage 1 and B2 stage 3 Mix-FFN hidden maps at 512^2
+GPU_CASES = {
+    "b0_s1_128x128_c128": (2, 128, 128, 128, "none", 1.0),
+    "b2_s3_32x32_c1280": (2, 32, 32, 1280, "none", 1.0),
+}
 
 
-def make_args(B, H, W, C, approximate, scale, seed=0):
+def make_args(B, H, W, C, approximate, scale, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, H * W, C, generator=g) * scale).requires_grad_()
-    w = (torch.randn(C, 1, 3, 3, generator=g) / 3).requires_grad_()    # std 1/sqrt(9): trained scale
-    b = (torch.randn(C, generator=g) * 0.2).requires_grad_()
+    x = (torch.randn(B, H * W, C, generator=g) * scale).to(device).requires_grad_()
+    w = (torch.randn(C, 1, 3, 3, generator=g) / 3).to(device).requires_grad_()   # std 1/sqrt(9)
+    b = (torch.randn(C, generator=g) * 0.2).to(device).requires_grad_()
     return [x, (H, W), w, b, approximate]
+
+
+ALL_CASES = [pytest.param(c, id=c) for c in CASES] + [pytest.param(c, id=c, marks=pytest.mark.gpu)
+                                                      for c in GPU_CASES]
+SHAPES = {**CASES, **GPU_CASES}
 
 
 @pytest.fixture
@@ -58,13 +62,13 @@ def _with(backend):
     return lambda x, hw, w, b, a: dwconv_gelu(x, hw, w, b, a, backend=backend)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_triton_contract(case, launches):
-    args = make_args(*CASES[case])
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_triton_contract(case, launches, device):
+    args = make_args(*SHAPES[case], device=device)
     res = check_op(_with("triton"), reference.dwconv_gelu, args, torch.float32, backward=True,
                    name=f"triton {case}")
     assert launches == {"forward": 1, "backward": 1}
-    main = case == "11x19_c72_b2"      # the main case also checks fp16 backward and bf16 I/O
+    main = case == "11x19_c72_b2" or case in GPU_CASES   # also fp16 backward and bf16 I/O
     res += check_op(_with("triton"), reference.dwconv_gelu, args, torch.float16, backward=main,
                     name=f"triton {case}")
     assert launches["forward"] == 2
@@ -74,8 +78,8 @@ def test_triton_contract(case, launches):
     print(*res, sep="\n")
 
 
-def test_triton_no_bias(launches):
-    x, hw, w, b, a = make_args(1, 5, 7, 40, "none", 1.0)
+def test_triton_no_bias(launches, device):
+    x, hw, w, b, a = make_args(1, 5, 7, 40, "none", 1.0, device=device)
     check_op(lambda x, hw, w: dwconv_gelu(x, hw, w, None, backend="triton"),
              lambda x, hw, w: reference.dwconv_gelu(x, hw, w, None), [x, hw, w], torch.float32)
     assert launches == {"forward": 1, "backward": 1}
@@ -98,9 +102,9 @@ def test_backward_partials_deterministic():
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_torch_backend_contract(case):
-    args = make_args(*CASES[case])
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_torch_backend_contract(case, device):
+    args = make_args(*SHAPES[case], device=device)
     check_op(_with("torch"), reference.dwconv_gelu, args, torch.float32, backward=True, name=f"torch {case}")
     check_op(_with("torch"), reference.dwconv_gelu, args, torch.float16, backward=False, name=f"torch {case}")
 
@@ -159,134 +163,7 @@ def test_bad_inputs_raise_before_launch(name, launches):
 
 
 # ---------------------------------------------------------------------------------------------
-# FusedMixFFN
-
-def _seed_mlp_class():
-    doc = Path(__file__).resolve().parents[2] / "shared" / "seed" / "segformer-explainer.md"
-    if not doc.is_file():
-        return None
-    blocks = re.findall(r"~~~python\n(.*?)~~~", doc.read_text(encoding="utf-8"), flags=re.S)
-    code = blocks[-1].split("if __name__ == '__main__':")[0]
-    mod = types.ModuleType("seed_last_block")
-    exec(compile(code, str(doc), "exec"), mod.__dict__)
-    return mod.MLP
-
-
-def _ours(approximate="none"):
-    from segformer_fast.models.segformer import MixFFN
-    return MixFFN(24, 96, drop=0.0, approximate=approximate)
-
-
-def _hf(act):
-    from transformers import SegformerConfig
-    from transformers.models.segformer.modeling_segformer import SegformerMixMLP
-    return SegformerMixMLP(SegformerConfig(hidden_act=act), in_features=24, hidden_features=96)
-
-
-def _compare_module(src, backend, H=5, W=7, B=2):
-    src = init_realistic_(src, seed=2).train()       # dropout p=0 in these: train == eval numerics
-    fused = FusedMixFFN.from_module(src, backend=backend)
-    assert list(fused.state_dict()) == list(src.state_dict())
-    assert {id(p) for p in fused.parameters()} == {id(p) for p in src.parameters()}
-    x = torch.randn(B, H * W, src.state_dict()[next(iter(src.state_dict()))].shape[1])
-    outs, grads = [], []
-    for m in (src, fused):
-        m.zero_grad()
-        y = m(x, H, W)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4 * outs[0].abs().max().item())
-    for n in grads[0]:
-        scale = grads[0][n].abs().max().item()
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-4 * scale)
-    return fused
-
-
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_mixffn_ours(approximate):
-    f = _compare_module(_ours(approximate), "torch")
-    assert f.approximate == approximate and f.layout.name == "nvlabs"
-
-
-def test_mixffn_ours_triton(launches):
-    _compare_module(_ours(), "triton", H=3, W=4, B=1)
-    assert launches == {"forward": 1, "backward": 1}
-
-
-def test_mixffn_seed():
-    cls = _seed_mlp_class()
-    if cls is None:
-        pytest.skip("seed document not present")
-    f = _compare_module(cls(24, 96), "torch")
-    assert f.layout.name == "seed" and f.approximate == "none"
-
-
-@pytest.mark.parametrize("act,kind", [("gelu", "none"), ("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh")])
-def test_mixffn_hf(act, kind):
-    f = _compare_module(_hf(act), "torch")
-    assert f.layout.name == "hf>=5.9" and f.approximate == kind
-
-
-@pytest.mark.parametrize("act", ["relu", "quick_gelu"])
-def test_mixffn_refuses_other_activations(act):
-    with pytest.raises(ValueError, match="cannot reproduce activation"):
-        FusedMixFFN.from_module(_hf(act))
-
-
-def test_mixffn_dropout_semantics():
-    """The same Dropout module (p read from it, train/eval from it) runs at the same two places
-    (after the activation, after fc2). RNG draws are not compared element-wise: the source's
-    dropout mask follows its NCHW-strided activation's memory order, ours the tokens'."""
-    src = _ours()
-    src.drop.p = 0.5
-    fused = FusedMixFFN.from_module(src, backend="torch")
-    x = torch.randn(1, 12, 24)
-    fused.eval()
-    torch.testing.assert_close(fused(x, 3, 4), src.eval()(x, 3, 4))
-    inputs = {"src": [], "fused": []}
-    for key, m in (("src", src), ("fused", fused)):
-        h = m.drop.register_forward_hook(lambda mod, inp, out, key=key: inputs[key].append(inp[0].shape))
-        m.train()
-        y = m(x, 3, 4)
-        h.remove()
-    assert inputs["fused"] == inputs["src"] == [torch.Size([1, 12, 96]), torch.Size([1, 12, 24])]
-    assert (y == 0).float().mean() > 0.2              # dropout active in training
-
-
-HF_LEGACY_SCRIPT = r"""
-import torch, transformers
-from transformers import SegformerConfig
-from transformers.models.segformer.modeling_segformer import SegformerMixFFN
-from segformer_fast.nn import FusedMixFFN
-from segformer_fast.testing import init_realistic_
-assert int(transformers.__version__.split('.')[0]) < 5, transformers.__version__
-for act, kind in (("gelu", "none"), ("gelu_new", "tanh")):
-    m = init_realistic_(SegformerMixFFN(SegformerConfig(hidden_act=act), 24, 96), seed=1)
-    f = FusedMixFFN.from_module(m, backend="torch")
-    assert f.layout.name == "hf<=5.8" and f.approximate == kind, (f.layout, f.approximate)
-    assert list(f.state_dict()) == list(m.state_dict())
-    x = torch.randn(2, 35, 24)
-    a, b = m(x, 5, 7), f(x, 5, 7)
-    ga = torch.autograd.grad(a.square().sum(), m.dense1.weight)[0]
-    gb = torch.autograd.grad(b.square().sum(), m.dense1.weight)[0]
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
-    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4 * ga.abs().max().item())
-print('legacy', transformers.__version__, 'ok')
-"""
-
-
-def test_mixffn_hf_legacy_layout():
-    run_legacy(HF_LEGACY_SCRIPT)
-
-
-def test_mixffn_unknown_layout():
-    with pytest.raises(ValueError, match="no known Mix-FFN layout"):
-        FusedMixFFN.from_module(nn.Linear(3, 3))
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.compile, AOT, traffic model
+# torch.compile, AOT
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph(backend, launches):
@@ -346,16 +223,3 @@ def test_aot_compile_sm80_sm90():
     for kernel, ce, ty, arch, nw, regs, spills, smem in rows:
         assert spills == 0, row
         assert smem <= 100 * 1024, row
-
-
-def test_traffic_model():
-    from segformer_fast.analysis.dwconv_gelu import dwconv_gelu_cost
-    for C, H in ((128, 128), (256, 64), (640, 32), (1024, 16), (2048, 16)):   # 512² B0/B2 stages
-        fwd = dwconv_gelu_cost(1, H, H, C, 2)
-        both = dwconv_gelu_cost(1, H, H, C, 2, backward=True)
-        assert fwd["fused"].bytes < fwd["reference"].bytes
-        assert both["fused"].bytes < both["reference"].bytes
-        assert 3.5 < fwd["bytes_ratio"] <= 4.0                    # 6 passes + copies vs 1 pass
-        assert fwd["fused"].flops == fwd["reference"].flops > 0
-        # without layout copies the reference is still two passes (conv, GELU)
-        assert dwconv_gelu_cost(1, H, H, C, 2, layout_copies=0)["bytes_ratio"] > 1.9
