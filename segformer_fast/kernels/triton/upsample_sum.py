@@ -34,27 +34,29 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import LaunchConfig, load_vec, pow2_block, row_tile
+
 MAX_MAPS = 4
 
 
-def launch_config(D: int) -> dict:
-    """The one place launch configurations are chosen (tests AOT-compile exactly this).
+def launch_config(kernel: str, inner: int) -> LaunchConfig:
+    """The one place launch configurations are chosen; ``inner`` is the contiguous extent a
+    program tiles: D channels for "fwd" and "epilogue_bwd", D or a whole low-res row w*D for
+    "adjoint".
 
-    BLOCK_D: up to 128 channels per program (a warp reads 32 x 4 contiguous fp32 = 512 B rows);
-    BLOCK_P: 32 output pixels. 8 warps: 16 fp32 accumulators per thread, and the compiler hoists
-    all 13 stencil loads (4 corners x 3 maps + the stage-1 map) for latency hiding, so 4 warps
-    (32 values per load per thread) ran out of registers on sm_90 (255 + spills). The same rule
-    runs under the interpreter (one configuration, no autotuning).
+    fwd/epilogue_bwd: BLOCK_D up to 128 channels per program (a warp reads 32 x 4 contiguous
+    fp32 = 512 B rows); BLOCK_P 32 output pixels. 8 warps: 16 fp32 accumulators per thread, and
+    the compiler hoists all 13 stencil loads (4 corners x 3 maps + the stage-1 map) for latency
+    hiding, so 4 warps (32 values per load per thread) ran out of registers on sm_90 (255 +
+    spills). adjoint: 32 low-res indices x up to 128 contiguous elements per program, 4 warps:
+    32 fp32 accumulators per thread. The same rule runs under the interpreter (one
+    configuration, no autotuning).
     """
-    block_d = min(128, triton.next_power_of_2(max(int(D), 16)))
-    return {"BLOCK_P": 32, "BLOCK_D": block_d, "num_warps": 8}
-
-
-def adjoint_config(inner: int) -> dict:
-    """Adjoint gather: 32 low-res indices x up to 128 contiguous elements (channels, or a whole
-    low-res row w*D for the H pass) per program, 4 warps: 32 fp32 accumulators per thread."""
-    block_i = min(128, triton.next_power_of_2(max(int(inner), 16)))
-    return {"BLOCK_Q": 32, "BLOCK_I": block_i, "num_warps": 4}
+    if kernel in ("fwd", "epilogue_bwd"):
+        return LaunchConfig(BLOCK_P=32, BLOCK_D=pow2_block(inner, hi=128), num_warps=8)
+    if kernel == "adjoint":
+        return LaunchConfig(BLOCK_Q=32, BLOCK_I=pow2_block(inner, hi=128), num_warps=4)
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,9 +123,30 @@ def _gather_sum(m0, m1, m2, m3, pid_b, oh, ow, offs_d, pmask, dmask, D,
     return acc
 
 
-# ----------------------------------------------------------------------------------------------
-# forward
-# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _summed_tile(m0, m1, m2, m3, bias_ptr, H, W, D,
+                 h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                 NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
+                 UP3: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of z = sum of the (upsampled) maps + bias (BLOCK_P, BLOCK_D) fp32,
+    shared by the forward and the (recomputing) epilogue backward, with the tile's flat int64
+    offsets into (B, H*W, D), its pixel and channel masks and channel offsets."""
+    pid_b = tl.program_id(2)
+    offs_p, offs_d, pmask, dmask = row_tile(tl.program_id(0), tl.program_id(1), H * W, D, BLOCK_P, BLOCK_D)
+    z = _gather_sum(m0, m1, m2, m3, pid_b, offs_p // W, offs_p % W, offs_d, pmask, dmask, D,
+                    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                    NUM_MAPS, UP0, UP1, UP2, UP3, BLOCK_P, BLOCK_D)
+    if HAS_BIAS:
+        z += load_vec(bias_ptr, offs_d, dmask)
+    tile = pid_b.to(tl.int64) * H * W * D + (offs_p * D)[:, None] + offs_d[None, :]
+    return z, tile, pmask, dmask, offs_d
+
+
+# Kernel arguments: out, g (the incoming gradient), dz (B, H*W, D) tokens (dz fp32); m0..m3 the
+# maps (B, h_k*w_k, D) (unused ones: a dummy pointer, NUM_MAPS says how many are real); bias,
+# scale, shift (D,) (dummies when their HAS_* is False); h_k, w_k map sizes, sh_k = h_k/H and
+# sw_k = w_k/W as fp32 quotients; part (3, B*n_pblocks, D) fp32.
+
 @triton.jit
 def _upsample_sum_fwd_kernel(
         out_ptr, m0, m1, m2, m3, bias_ptr, scale_ptr, shift_ptr,
@@ -133,29 +156,17 @@ def _upsample_sum_fwd_kernel(
         UP3: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    pmask = offs_p < H * W
-    dmask = offs_d < D
-    oh = offs_p // W
-    ow = offs_p % W
-    acc = _gather_sum(m0, m1, m2, m3, pid_b, oh, ow, offs_d, pmask, dmask, D,
-                      h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                      NUM_MAPS, UP0, UP1, UP2, UP3, BLOCK_P, BLOCK_D)
-    # epilogue in fp32, in the reference's order: + bias, * scale, + shift, ReLU
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    acc, tile, pmask, dmask, offs_d = _summed_tile(
+        m0, m1, m2, m3, bias_ptr, H, W, D, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2,
+        h3, w3, sh3, sw3, NUM_MAPS, UP0, UP1, UP2, UP3, HAS_BIAS, BLOCK_P, BLOCK_D)
+    # epilogue in fp32, in the reference's order: + bias (above), * scale, + shift, ReLU
     if HAS_SCALE:
-        acc *= tl.load(scale_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        acc *= load_vec(scale_ptr, offs_d, dmask)
     if HAS_SHIFT:
-        acc += tl.load(shift_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        acc += load_vec(shift_ptr, offs_d, dmask)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    out = out_ptr + pid_b.to(tl.int64) * H * W * D + (offs_p * D)[:, None] + offs_d[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & dmask[None, :])
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & dmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,28 +182,18 @@ def _epilogue_bwd_kernel(
         HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """dz = d out / d(sum of maps); partials [3, B * n_pblocks, D] of dbias, dscale, dshift."""
-    pid_p = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    pmask = offs_p < H * W
-    dmask = offs_d < D
+    z, tile, pmask, dmask, offs_d = _summed_tile(
+        m0, m1, m2, m3, bias_ptr, H, W, D, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2,
+        h3, w3, sh3, sw3, NUM_MAPS, UP0, UP1, UP2, UP3, HAS_BIAS, BLOCK_P, BLOCK_D)
     mask = pmask[:, None] & dmask[None, :]
-    tile = pid_b.to(tl.int64) * H * W * D + (offs_p * D)[:, None] + offs_d[None, :]
     g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    z = _gather_sum(m0, m1, m2, m3, pid_b, offs_p // W, offs_p % W, offs_d, pmask, dmask, D,
-                    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                    NUM_MAPS, UP0, UP1, UP2, UP3, BLOCK_P, BLOCK_D)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
-        s = tl.load(scale_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s = load_vec(scale_ptr, offs_d, dmask)
         u = z * s
     else:
         u = z
     if HAS_SHIFT:
-        u += tl.load(shift_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        u += load_vec(shift_ptr, offs_d, dmask)
     if RELU:
         g = tl.where(u > 0.0, g, 0.0)       # threshold_backward: gradient only where out > 0
     if HAS_SCALE:
@@ -200,7 +201,7 @@ def _epilogue_bwd_kernel(
     else:
         dz = g
     tl.store(dz_ptr + tile, dz, mask=mask)
-    row = (pid_b * n_pblocks + pid_p).to(tl.int64) * D + offs_d
+    row = (tl.program_id(2) * n_pblocks + tl.program_id(0)).to(tl.int64) * D + offs_d
     plane = n_pblocks * tl.num_programs(2) * D
     tl.store(part_ptr + row, tl.sum(dz, axis=0), mask=dmask)              # dbias
     tl.store(part_ptr + plane + row, tl.sum(g * z, axis=0), mask=dmask)   # dscale
@@ -217,7 +218,8 @@ def _axis_weight(o, i, scale, n_in, n_out):
 
 @triton.jit
 def _upsample_adjoint_kernel(
-        dx_ptr, dz_ptr, OUTER, L_out, L_in, INNER, scale, inv_scale, K,
+        dx_ptr, dz_ptr,     # dx (B, OUTER, L_in, INNER), dz (B, OUTER, L_out, INNER), contiguous
+        OUTER, L_out, L_in, INNER, scale, inv_scale, K,     # scale = L_in/L_out (fp32), K: window()
         BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr):
     """Adjoint of 1-D linear upsampling L_in -> L_out along the middle axis of a contiguous
     (B, OUTER, L, INNER) tensor: dx[b, o, i, :] = sum_l weight(l, i) * dz[b, o, l, :].
@@ -273,7 +275,7 @@ def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=Fa
     B, _, D = maps[0].shape
     H, W = size
     out = torch.empty((B, H * W, D), device=maps[0].device, dtype=maps[0].dtype)
-    cfg = launch_config(D)
+    cfg = launch_config("fwd", D)
     ptrs, args, ups = _map_args(maps, hws, size)
     dummy = maps[0]
     grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(D, cfg["BLOCK_D"]), B)
@@ -282,7 +284,7 @@ def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=Fa
         shift if shift is not None else dummy, H, W, D, *args,
         NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        RELU=bool(relu), BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        RELU=bool(relu), **cfg.kwargs())
     return out
 
 
@@ -291,7 +293,7 @@ def epilogue_bwd(grad, maps, hws, size, bias, scale, shift, relu):
     parameter gradients as fp32 (D,) vectors (reduced here, in a fixed order)."""
     B, _, D = maps[0].shape
     H, W = size
-    cfg = launch_config(D)
+    cfg = launch_config("epilogue_bwd", D)
     n_pb = triton.cdiv(H * W, cfg["BLOCK_P"])
     dz = torch.empty((B, H * W, D), device=grad.device, dtype=torch.float32)
     part = torch.empty((3, B * n_pb, D), device=grad.device, dtype=torch.float32)
@@ -304,7 +306,7 @@ def epilogue_bwd(grad, maps, hws, size, bias, scale, shift, relu):
         H, W, D, n_pb, *args,
         NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        RELU=bool(relu), BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        RELU=bool(relu), **cfg.kwargs())
     # three separate reductions: the results must not alias one another (custom-op outputs)
     return dz, part[0].sum(dim=0), part[1].sum(dim=0), part[2].sum(dim=0)
 
@@ -323,13 +325,12 @@ def window(n_in: int, n_out: int) -> int:
 
 
 def _adjoint_1d(dz, B, outer, l_out, l_in, inner, dtype):
-    cfg = adjoint_config(inner)
+    cfg = launch_config("adjoint", inner)
     dx = torch.empty((B, outer * l_in * inner), device=dz.device, dtype=dtype)
     grid = (triton.cdiv(outer * l_in, cfg["BLOCK_Q"]), triton.cdiv(inner, cfg["BLOCK_I"]), B)
     _upsample_adjoint_kernel[grid](
         dx, dz, outer, l_out, l_in, inner, fp32_ratio(l_in, l_out), l_out / l_in,
-        window(l_in, l_out), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_I=cfg["BLOCK_I"],
-        num_warps=cfg["num_warps"])
+        window(l_in, l_out), **cfg.kwargs())
     return dx
 
 
@@ -346,72 +347,3 @@ def upsample_adjoint(dz, hw, size, dtype):
     if h != H:
         t = _adjoint_1d(t, B, 1, H, h, w * D, dtype)
     return t.view(B, h * w, D).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# ahead-of-time compile report (run as a module with TRITON_INTERPRET=0: tests/test_upsample_sum)
-# ----------------------------------------------------------------------------------------------
-def aot_cases(dtypes=("fp32", "fp16", "bf16")):
-    """Every (kernel, signature, constexprs, divisible_by_16, num_warps) that real launches use at
-    SegFormer's decoder widths D = 256 and 768: eval forward (bias + BN affine + ReLU), training
-    forward (bias only), epilogue backward, and the adjoint's W and H passes. The constexprs come
-    from the same ``launch_config`` / ``adjoint_config`` the launchers call."""
-    cases = []
-    maps_args = {}
-    for k in range(MAX_MAPS):
-        maps_args.update({f"h{k}": "i32", f"w{k}": "i32", f"sh{k}": "fp32", f"sw{k}": "fp32"})
-    for D in (256, 768):
-        cfg = launch_config(D)
-        for ty in dtypes:
-            ptr = f"*{ty}"
-            for mode, flags in (("eval", (True, True, True, True)), ("train", (True, False, False, False))):
-                sig = {"out_ptr": ptr, "m0": ptr, "m1": ptr, "m2": ptr, "m3": ptr, "bias_ptr": ptr,
-                       "scale_ptr": ptr, "shift_ptr": ptr, "H": "i32", "W": "i32", "D": "i32",
-                       **maps_args}
-                ce = dict(NUM_MAPS=4, UP0=False, UP1=True, UP2=True, UP3=True, HAS_BIAS=flags[0],
-                          HAS_SCALE=flags[1], HAS_SHIFT=flags[2], RELU=flags[3],
-                          BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
-                sig.update({k: "constexpr" for k in ce})
-                divs = ("out_ptr", "m0", "m1", "m2", "m3", "bias_ptr", "scale_ptr", "shift_ptr", "D")
-                cases.append((f"fwd/{mode}", D, ty, _upsample_sum_fwd_kernel, sig, ce, divs, cfg["num_warps"]))
-            sig = {"dz_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": ptr, "m0": ptr, "m1": ptr, "m2": ptr,
-                   "m3": ptr, "bias_ptr": ptr, "scale_ptr": ptr, "shift_ptr": ptr, "H": "i32", "W": "i32",
-                   "D": "i32", "n_pblocks": "i32", **maps_args}
-            ce = dict(NUM_MAPS=4, UP0=False, UP1=True, UP2=True, UP3=True, HAS_BIAS=True, HAS_SCALE=True,
-                      HAS_SHIFT=True, RELU=True, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
-            sig.update({k: "constexpr" for k in ce})
-            divs = ("dz_ptr", "part_ptr", "g_ptr", "m0", "m1", "m2", "m3", "bias_ptr", "scale_ptr",
-                    "shift_ptr", "D")
-            cases.append(("epilogue_bwd", D, ty, _epilogue_bwd_kernel, sig, ce, divs, cfg["num_warps"]))
-            # adjoint: W pass reads dz (fp32 from the epilogue backward, or the grad dtype) and
-            # writes fp32; H pass reads fp32 and writes the map dtype. INNER = D or w*D: 16-divisible.
-            for name, src, dst in (("adjoint/W", ty, "fp32"), ("adjoint/H", "fp32", ty)):
-                acfg = adjoint_config(D)
-                sig = {"dx_ptr": f"*{dst}", "dz_ptr": f"*{src}", "OUTER": "i32", "L_out": "i32",
-                       "L_in": "i32", "INNER": "i32", "scale": "fp32", "inv_scale": "fp32", "K": "i32",
-                       "BLOCK_Q": "constexpr", "BLOCK_I": "constexpr"}
-                ce = dict(BLOCK_Q=acfg["BLOCK_Q"], BLOCK_I=acfg["BLOCK_I"])
-                cases.append((name, D, ty, _upsample_adjoint_kernel, sig, ce, ("dx_ptr", "dz_ptr", "INNER"),
-                              acfg["num_warps"]))
-    return cases
-
-
-def aot_rows(archs=(80, 90)):
-    from ...analysis.aot import compile_report
-    rows, seen = [], {}
-    for name, D, ty, fn, sig, ce, divs, nw in aot_cases():
-        key = (name, ty, tuple(sorted(ce.items())))
-        for arch in archs:
-            if (key, arch) not in seen:     # D = 256 and 768 share a configuration
-                r = compile_report(fn, sig, ce, arch, divisible_by_16=divs, num_warps=nw)
-                seen[(key, arch)] = (r.registers, r.spills, r.shared_bytes)
-            regs, spills, smem = seen[(key, arch)]
-            cfg = ",".join(f"{k}={v}" for k, v in ce.items() if k.startswith("BLOCK"))
-            rows.append([name, D, ty, cfg, arch, nw, regs, spills, smem])
-    return rows
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(aot_rows()))
