@@ -1,0 +1,80 @@
+"""The CUDA C++ kernels of ``csrc/cuda``, built on first use (ninja JIT, cached per machine by
+``_build.py``), in one of two builds of the same sources:
+
+- GPU: on CUDA tensors, nvcc for sm_80 and sm_90a (``torch.utils.cpp_extension.load`` of
+  ``bindings/cuda.cpp`` + the ``.cu`` files; needs a CUDA torch, nvcc and ninja).
+- Emulated: on CPU tensors when ``SEGFORMER_FAST_CUDA_EMULATE=1``, the kernel sources compiled as
+  C++ and run by the CUDA emulation of ``csrc/cuda/emu`` (blocks in sequence, shuffled or across
+  workers; a block's threads as fibers; checked barriers and warp collectives; NaN-poisoned shared
+  memory). A correctness tool, like the Triton interpreter: never a default, never fast.
+
+Launchers here do no argument checking beyond what the raw-pointer code relies on (the op in
+``segformer_fast.ops`` validates first) and have the Triton launchers' contract.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+EMULATE_ENV = "SEGFORMER_FAST_CUDA_EMULATE"
+
+GPU_SOURCES = ("bindings/cuda.cpp", "cuda/sra_attention.cu")
+# .cpp translation units only: a CPU-only torch refuses .cu sources (kernels.cpp includes them)
+EMU_SOURCES = ("bindings/cuda.cpp", "cuda/emu/runtime.cpp", "cuda/emu/kernels.cpp")
+GPU_CFLAGS = ("-O3",)
+# naming the archs turns torch's TORCH_CUDA_ARCH_LIST default flags off
+GPU_CUDA_CFLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
+                   "-gencode=arch=compute_90a,code=sm_90a")
+EMU_CFLAGS = ("-O2", "-DSF_CUDA_EMULATE")
+
+
+def emulating() -> bool:
+    """Whether CPU tensors may run the CUDA kernels through the emulation."""
+    return os.environ.get(EMULATE_ENV, "0") == "1"
+
+
+def gpu_build():
+    """The nvcc-built extension (CUDA torch only)."""
+    from .._build import load
+
+    return load("segformer_fast_cuda", GPU_SOURCES, GPU_CFLAGS, (), GPU_CUDA_CFLAGS)
+
+
+def emulated_build():
+    """The emulated build (any torch, g++ with x86-64 or ucontext): the same kernels on CPU tensors."""
+    from .._build import load
+
+    return load("segformer_fast_cuda_emu", EMU_SOURCES, EMU_CFLAGS)
+
+
+def native(device: torch.device):
+    """The build that runs on ``device``; ValueError when there is none."""
+    if device.type == "cuda":
+        return gpu_build()
+    if device.type == "cpu" and emulating():
+        return emulated_build()
+    raise ValueError(f"the cuda kernels need CUDA tensors, or CPU tensors with {EMULATE_ENV}=1 (the "
+                     f"CUDA emulation); got device {device}")
+
+
+def configure_emulation(order: str = "sequential", seed: int = 0, workers: int = 1, arch: int = 80) -> None:
+    """Emulation settings for later launches: block ``order`` ("sequential", "reverse" or "shuffled",
+    with ``seed``; shuffled also shuffles the warp order inside each block), ``workers`` OS threads
+    running blocks concurrently, and the compute capability ``arch`` whose limits are enforced."""
+    emulated_build().emu_configure(order, seed, workers, arch)
+
+
+def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, N, C), k and v (B, M, C) with channel stride 1 (k, v may be column halves of one
+    (B, M, 2C) tensor) -> O (B, N, C) contiguous and LSE (B*num_heads, N) fp32 in log2 units."""
+    return tuple(native(q.device).sra_attention_fwd(q, k, v, num_heads, float(scale)))
+
+
+def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      lse: torch.Tensor, num_heads: int, scale: float):
+    """dQ (B, N, C), dK and dV (B, M, C), contiguous in the input dtype; ``lse`` from the forward.
+    Deterministic: dK/dV are fp32 partial sums per query chunk, added in a fixed order."""
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    return tuple(native(q.device).sra_attention_bwd(do, q, k, v, lse, num_heads, float(scale)))
