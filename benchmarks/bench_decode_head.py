@@ -4,7 +4,7 @@
   on CPU), ``reference`` (segformer_fast.reference), ``stock`` (the strongest stock alternative:
   contiguous NCHW maps, F.interpolate, in-place adds, then BatchNorm-affine + ReLU).
 - whole head: ``original`` (our NVlabs-named SegFormerHead: concat + 1x1 linear_fuse at H/4) vs
-  ``fused`` (FusedDecodeHead with the device's backend), eval forward and training fwd+bwd.
+  ``fused`` (the head patched by ``segformer_fast.patch`` with the device's backend), eval forward and training fwd+bwd.
 - FLOPs (FlopCounterMode) of whole models B0-B5 at 512² before/after patching the decode head,
   recorded in ``extra_info`` (``segformer_fast.analysis.decode_head.flop_table``).
 
@@ -12,7 +12,6 @@ CPU: 512² B0 only (the Triton path needs a GPU at real shapes); B2 and 1024² a
 """
 from __future__ import annotations
 
-import copy
 import platform
 
 import pytest
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from segformer_fast import reference
 from segformer_fast.analysis.decode_head import flop_table, format_table, stage_sizes
 from segformer_fast.models.segformer import VARIANTS, SegFormerHead
-from segformer_fast.nn import FusedDecodeHead
+import segformer_fast
 from segformer_fast.ops.upsample_sum import upsample_sum
 from segformer_fast.testing import init_realistic_
 
@@ -121,7 +120,7 @@ def _run_head(benchmark, impl, shape, device, dtype, training):
     dims, _, D = VARIANTS[variant]
     head = init_realistic_(SegFormerHead(dims, D, 150), seed=1).to(device, dtype).train(training)
     if impl == "fused":
-        head = FusedDecodeHead.from_module(copy.deepcopy(head), backend=_fused_backend(device))
+        segformer_fast.patch(head, backend=_fused_backend(device))
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(B, c, h, w, generator=g).to(device, dtype)
              for c, (h, w) in zip(dims, stage_sizes(side, side))]

@@ -1,4 +1,4 @@
-"""FusedDecodeHead: linear_fuse reassociated into the per-stage projections.
+"""The patched decode head: linear_fuse reassociated into the per-stage projections.
 
 Eval logits match the original head (ours/NVlabs, HF >= 5.9, HF <= 5.8 in a subprocess) for a
 B2-sized head on the features of a 2x3x97x131 image; training gradients, running statistics and
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segformer_fast.models.segformer import SegFormerHead
-from segformer_fast.nn import FusedDecodeHead
+import segformer_fast
 from segformer_fast.testing import init_realistic_
 from legacy_hf import run_legacy
 
@@ -39,15 +39,23 @@ def _hf(dims=DIMS_B2, D=D_B2, classes=19, seed=2, **kw):
     return head
 
 
+def _patched(head, backend="torch"):
+    """``head`` patched in place (the user's own instance): class and Parameters unchanged."""
+    cls, params = type(head), list(head.parameters())
+    report = segformer_fast.patch(head, backend=backend)
+    assert report.replaced == [cls.__name__] and not report.skipped, str(report)
+    assert type(head) is cls and all(p is q for p, q in zip(head.parameters(), params))
+    return head
+
+
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _check_eval(head, feats, backend="torch", tol=1e-4):
     head = head.eval()
-    fused = FusedDecodeHead.from_module(head, backend=backend)
+    fused = _patched(copy.deepcopy(head), backend)
     assert list(fused.state_dict()) == list(head.state_dict())
-    assert all(p is q for p, q in zip(fused.parameters(), head.parameters()))
     with torch.no_grad():
         want, got = head(feats), fused(feats)
     assert got.shape == want.shape
@@ -61,7 +69,7 @@ def _check_train(head, feats, dtype=torch.float32, tol=1e-3, backend="torch"):
     """Same step on two copies (same seed: same dropout masks): outputs, every parameter gradient
     (relative to its scale), running statistics and num_batches_tracked."""
     a = copy.deepcopy(head).to(dtype).train()
-    b = FusedDecodeHead.from_module(copy.deepcopy(head).to(dtype).train(), backend=backend)
+    b = _patched(copy.deepcopy(head).to(dtype).train(), backend)
     feats = [f.to(dtype) for f in feats]
     torch.manual_seed(7)
     ya = a(feats)
@@ -115,18 +123,21 @@ def test_ours_b2_training_exact_in_fp64():
 
 def test_eval_cache_follows_parameter_updates():
     head = _ours(dims=[8, 12, 16, 20], D=24, classes=5).eval()
-    fused = FusedDecodeHead.from_module(head, backend="torch")
+    stock = copy.deepcopy(head)
+    fused = _patched(head)
     feats = _features([8, 12, 16, 20])
     with torch.no_grad():
         fused(feats)
-        key = fused._cache_key
-        head.linear_c3.proj.weight.mul_(1.5)              # an optimizer step: version bump
-        head.linear_fuse.bn.running_var.add_(0.25)
-        torch.testing.assert_close(fused(feats), head(feats))
-        assert fused._cache_key != key
-        head.load_state_dict(_ours(dims=[8, 12, 16, 20], D=24, classes=5, seed=9).state_dict())
-        torch.testing.assert_close(fused(feats), head(feats))
-    assert not any(isinstance(v, torch.nn.Parameter) for v in vars(fused).values())
+        key = fused._sf_cache["key"]
+        for m in (fused, stock):
+            m.linear_c3.proj.weight.mul_(1.5)              # an optimizer step: version bump
+            m.linear_fuse.bn.running_var.add_(0.25)
+        torch.testing.assert_close(fused(feats), stock(feats))
+        assert fused._sf_cache["key"] != key
+        new = _ours(dims=[8, 12, 16, 20], D=24, classes=5, seed=9).state_dict()
+        fused.load_state_dict(new), stock.load_state_dict(new)
+        torch.testing.assert_close(fused(feats), stock(feats))
+    assert list(fused.state_dict()) == list(stock.state_dict())   # nothing folded became state
 
 
 def test_triton_backend_tiny_head_matches(monkeypatch):
@@ -154,15 +165,10 @@ def test_hf_reshape_last_stage_false():
     dims = [8, 12, 16, 16]
     head = _hf(dims=dims, D=24, classes=5, reshape_last_stage=False).eval()
     feats = _features(dims[:3], B=2) + [torch.randn(2, 16, 16)]
-    fused = FusedDecodeHead.from_module(head, backend="torch")
+    fused = _patched(copy.deepcopy(head))
     with torch.no_grad():
         torch.testing.assert_close(fused(feats), head(feats))
         torch.testing.assert_close(fused(encoder_hidden_states=feats), head(feats))
-
-
-def test_from_module_rejects_unknown_module():
-    with pytest.raises(TypeError, match="All-MLP head"):
-        FusedDecodeHead.from_module(torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------- HF <= 5.8 layout (subprocess)
@@ -170,7 +176,7 @@ LEGACY_SCRIPT = r"""
 import copy, torch, transformers
 from transformers import SegformerConfig
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
-from segformer_fast.nn import FusedDecodeHead
+import segformer_fast
 from segformer_fast.testing import init_realistic_
 assert int(transformers.__version__.split('.')[0]) < 5, transformers.__version__
 dims, hws = [64, 128, 320, 512], [(25, 33), (13, 17), (7, 9), (4, 5)]
@@ -179,14 +185,15 @@ head = init_realistic_(SegformerDecodeHead(cfg), seed=2).eval()
 assert isinstance(head.linear_c, torch.nn.ModuleList)
 g = torch.Generator().manual_seed(0)
 feats = [torch.randn(2, c, h, w, generator=g) for c, (h, w) in zip(dims, hws)]
-fused = FusedDecodeHead.from_module(head, backend="torch")
+fused = copy.deepcopy(head)
+assert segformer_fast.patch(fused, backend="torch").replaced == ["SegformerDecodeHead"]
 assert list(fused.state_dict()) == list(head.state_dict())
 with torch.no_grad():
     a, b = head(feats), fused(feats)
 err = ((a - b).abs().max() / a.abs().max()).item()
 assert err <= 1e-4, err
 a = copy.deepcopy(head).train()
-b = FusedDecodeHead.from_module(copy.deepcopy(head).train(), backend="torch")
+b = copy.deepcopy(head).train(); segformer_fast.patch(b, backend="torch")
 torch.manual_seed(3); ya = a(feats)
 torch.manual_seed(3); yb = b(feats)
 gout = torch.randn(ya.shape)
@@ -234,9 +241,9 @@ def test_cost_model_sane():
             print(ref, "|", fused)
 
 
-def test_replaced_head_keeps_its_other_methods_and_attributes():
+def test_patched_head_keeps_its_other_methods_and_attributes():
     """NVlabs' mmseg-0.x EncoderDecoder calls decode_head.forward_test/forward_train, mmseg 1.x
-    predict/loss: they must stay reachable on the drop-in and run the fused forward."""
+    predict/loss: the instance is the user's own, so they stay and run the fused forward."""
 
     class HeadWithAPI(SegFormerHead):
         def forward_test(self, inputs, img_metas=None, test_cfg=None):
@@ -245,19 +252,31 @@ def test_replaced_head_keeps_its_other_methods_and_attributes():
     torch.manual_seed(0)
     head = init_realistic_(HeadWithAPI([8, 16, 24, 32], 16, 5), seed=1).eval()
     head.align_corners = False
-    fused = FusedDecodeHead.from_module(head)
-    calls = []
-    original_forward = FusedDecodeHead.forward
+    stock = copy.deepcopy(head)
+    fused = _patched(head)
     feats = [torch.randn(2, c, s, s + 1) for c, s in zip([8, 16, 24, 32], [12, 6, 3, 2])]
-    try:
-        FusedDecodeHead.forward = lambda self, *a, **k: calls.append(1) or original_forward(self, *a, **k)
-        with torch.no_grad():
-            out = fused.forward_test(feats)
-    finally:
-        FusedDecodeHead.forward = original_forward
-    assert calls, "the borrowed method must call the fused forward"
+    calls = []
+    fused.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        torch.testing.assert_close(out, head(feats), rtol=1e-4, atol=1e-4 * head(feats).abs().max().item())
-    assert fused.align_corners is False and fused.in_dims == [8, 16, 24, 32]
-    with pytest.raises(AttributeError):
-        fused.no_such_method
+        out = fused.forward_test(feats)
+    assert isinstance(fused, HeadWithAPI) and fused.align_corners is False
+    with torch.no_grad():
+        torch.testing.assert_close(out, stock(feats), rtol=1e-4, atol=1e-4 * stock(feats).abs().max().item())
+        fused(feats)
+    assert calls == [1]              # a hook on the patched instance fires on its calls
+
+
+def test_hooked_projection_runs_the_stock_head_with_a_warning():
+    """Folding reads weights: a projection hooked (or LoRA-wrapped) after patching would be read
+    around. The head runs its stock forward instead (exact) and says so once."""
+    head = _ours(dims=[8, 12, 16, 20], D=24, classes=5).eval()
+    stock = copy.deepcopy(head)
+    fused = _patched(head)
+    feats = _features([8, 12, 16, 20])
+    seen = []
+    fused.linear_c2.proj.register_forward_hook(lambda m, i, o: seen.append(1) or o * 2)
+    stock.linear_c2.proj.register_forward_hook(lambda m, i, o: o * 2)
+    with torch.no_grad(), pytest.warns(UserWarning, match="stock forward"):
+        out = fused(feats)
+    torch.testing.assert_close(out, stock(feats))
+    assert seen == [1]

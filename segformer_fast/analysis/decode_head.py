@@ -4,8 +4,8 @@
 - ``head_cost(...)``: analytic HBM bytes and FLOPs of one head forward, every intermediate write
   and read of the stock sequence counted (layout copies included), as ``roofline.compare``.
 - ``flop_table(...)``: measured FLOPs (``torch.utils.flop_counter.FlopCounterMode``) of whole
-  SegFormer B0-B5 models (``segformer_fast.models.segformer``) before and after replacing only the
-  decode head with ``FusedDecodeHead``.
+  SegFormer B0-B5 models (``segformer_fast.models.segformer``) before and after patching only the
+  decode head with ``segformer_fast.patch``.
 """
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ def flop_table(variants: Sequence[str] = ("b0", "b1", "b2", "b3", "b4", "b5"), s
                num_classes: int = 150, batch: int = 1, device: str = "meta") -> list[dict]:
     """Measured FLOPs (FlopCounterMode, eval, batch ``batch``) of SegFormer ``variants`` at
     ``size`` x ``size``: whole model and decode head, before and after patching only the decode
-    head with ``FusedDecodeHead`` (steady state: the folded weights are cached after one call).
+    head with ``segformer_fast.patch`` (steady state: the folded weights are cached after one call).
     Runs on the meta device by default: FLOPs depend on shapes only."""
     from ..models import segformer
-    from ..nn.decode_head import FusedDecodeHead
+    from ..patch import patch
 
     rows = []
     # shapes are all FlopCounterMode needs: build and run on the meta device (no data, instant)
@@ -119,7 +119,7 @@ def flop_table(variants: Sequence[str] = ("b0", "b1", "b2", "b3", "b4", "b5"), s
         with _no_init():
             model = segformer(v, num_classes).eval().to(device)
         before, head_before = _count(model, x)
-        model.decode_head = FusedDecodeHead.from_module(model.decode_head, backend="torch")
+        patch(model.decode_head, backend="torch")
         with torch.no_grad():
             dims = model.backbone.embed_dims
             model.decode_head([torch.zeros(batch, c, h, w, device=device) for c, (h, w) in

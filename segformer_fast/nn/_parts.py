@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch.nn as nn
 from torch import Tensor
-from torch.nn.modules import module as _module
 
 
 def hookless(m: nn.Module) -> bool:
-    """No forward (pre-)hooks on ``m`` and no global module hooks: calling ``m`` is its forward."""
-    return not (m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+    """No forward (pre-)hooks on ``m``: calling ``m`` is its forward.
+
+    Global module hooks (``register_module_forward_hook``) are not counted: tools register them
+    to observe every module (FlopCounterMode, profilers), and a fused pass has no per-module
+    boundaries to observe."""
+    return not (m._forward_hooks or m._forward_pre_hooks)
 
 
 def plain(m, cls: type) -> bool:
