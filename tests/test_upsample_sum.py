@@ -39,23 +39,21 @@ def launches(monkeypatch):
     return log
 
 
-def _args(D, B=2, mag=1.0, seed=0, epilogue=True):
+def _args(D, B=2, mag=1.0, seed=0, epilogue=True, device="cpu", hws=HWS):
     g = torch.Generator().manual_seed(seed)
-    maps = [(torch.randn(B, h * w, D, generator=g) * mag).requires_grad_() for h, w in HWS]
-    bias = (torch.randn(D, generator=g) * 0.5).requires_grad_()
-    if not epilogue:
-        return maps + [bias]
-    scale = (torch.rand(D, generator=g) + 0.5).requires_grad_()
-    shift = (torch.randn(D, generator=g) * 0.2).requires_grad_()
-    return maps + [bias, scale, shift]
+    maps = [torch.randn(B, h * w, D, generator=g) * mag for h, w in hws]
+    params = [torch.randn(D, generator=g) * 0.5]
+    if epilogue:
+        params += [torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g) * 0.2]
+    return [t.to(device).requires_grad_() for t in maps + params]
 
 
-def _fns(backend, epilogue=True, n=4):
+def _fns(backend, epilogue=True, n=4, hws=HWS):
     def fused(*a):
-        return upsample_sum(list(a[:n]), HWS[:n], HWS[0], *a[n:], relu=epilogue, backend=backend)
+        return upsample_sum(list(a[:n]), hws[:n], hws[0], *a[n:], relu=epilogue, backend=backend)
 
     def ref(*a):
-        return R.upsample_sum(list(a[:n]), HWS[:n], HWS[0], *a[n:], relu=epilogue)
+        return R.upsample_sum(list(a[:n]), hws[:n], hws[0], *a[n:], relu=epilogue)
     return fused, ref
 
 
@@ -76,17 +74,17 @@ def test_index_math_matches_interpolate_at_odd_sizes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_triton_forward_contract(launches, dtype):
+def test_triton_forward_contract(launches, dtype, device):
     # eval epilogue (bias, BN affine, ReLU), D = 40 (a partial 64-channel block), large magnitudes
     fused, ref = _fns("triton")
-    for r in check_op(fused, ref, _args(40, mag=30.0), dtype, backward=False, name="triton"):
+    for r in check_op(fused, ref, _args(40, mag=30.0, device=device), dtype, backward=False, name="triton"):
         print(r)
     assert launches == ["_upsample_sum_fwd_kernel"]
 
 
-def test_triton_backward_contract_eval_epilogue(launches):
+def test_triton_backward_contract_eval_epilogue(launches, device):
     fused, ref = _fns("triton")
-    for r in check_op(fused, ref, _args(24), torch.float32, name="triton"):
+    for r in check_op(fused, ref, _args(24, device=device), torch.float32, name="triton"):
         print(r)
     assert launches.count("_upsample_sum_fwd_kernel") == 1
     assert launches.count("_epilogue_bwd_kernel") == 1
@@ -94,10 +92,10 @@ def test_triton_backward_contract_eval_epilogue(launches):
     assert launches.count("_upsample_adjoint_kernel") == 6
 
 
-def test_triton_backward_contract_training_path(launches):
+def test_triton_backward_contract_training_path(launches, device):
     # training: bias only (BatchNorm runs outside on batch statistics); batch 1, 3 maps
     fused, ref = _fns("triton", epilogue=False, n=3)
-    args = _args(24, B=1, epilogue=False)
+    args = _args(24, B=1, epilogue=False, device=device)
     args = args[:3] + args[4:]
     for r in check_op(fused, ref, args, torch.float32, name="triton train"):
         print(r)
@@ -106,14 +104,29 @@ def test_triton_backward_contract_training_path(launches):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_torch_backend_contract(dtype, launches):
+def test_torch_backend_contract(dtype, launches, device):
     fused, ref = _fns("torch")
-    for r in check_op(fused, ref, _args(40, mag=30.0), dtype, backward=dtype == torch.float32,
+    for r in check_op(fused, ref, _args(40, mag=30.0, device=device), dtype, backward=dtype == torch.float32,
                       name="torch"):
         print(r)
     fused, ref = _fns("torch", epilogue=False)
-    check_op(fused, ref, _args(24, epilogue=False), dtype, backward=dtype == torch.float32, name="torch")
+    check_op(fused, ref, _args(24, epilogue=False, device=device), dtype, backward=dtype == torch.float32,
+             name="torch")
     assert launches == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [256, 768])
+def test_triton_segformer_scale(D, dtype, launches, device):
+    """The decoder at 512^2 (stage maps 128/64/32/16, B0/B1 and B2+ widths): forward in every dtype,
+    backward in fp32 (CUDA only: real tile configurations)."""
+    hws = [(128, 128), (64, 64), (32, 32), (16, 16)]
+    fused, ref = _fns("triton", hws=hws)
+    args = _args(D, mag=3.0, device=device, hws=hws)
+    for r in check_op(fused, ref, args, dtype, backward=dtype == torch.float32, name=f"triton D={D}"):
+        print(r)
+    assert "_upsample_sum_fwd_kernel" in launches
 
 
 def test_torch_backend_does_not_mutate_inputs():
