@@ -188,11 +188,13 @@ def _torch_impl(maps, hws, size, bias, scale, shift, relu) -> Tensor:
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in list(maps) + params))
     total, fresh = None, False
     # upsampled maps first: F.interpolate returns a fresh channels-last tensor to accumulate into
-    order = sorted(range(len(maps)), key=lambda i: tuple(hws[i]) == tuple(size))
+    # (a list split, not sorted(key=...): the comparisons are SymBools while tracing)
+    at_size = [hws[i][0] == H and hws[i][1] == W for i in range(len(maps))]
+    order = [i for i in range(len(maps)) if not at_size[i]] + [i for i in range(len(maps)) if at_size[i]]
     for i in order:
         h, w = hws[i]
         x = maps[i].view(B, h, w, D).permute(0, 3, 1, 2)       # NCHW view, channels-last memory
-        is_new = tuple(hws[i]) != tuple(size)
+        is_new = not at_size[i]
         if is_new:
             x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
         if total is None:
