@@ -1,6 +1,7 @@
 """The CUDA C++ spatial-reduction attention (csrc/cuda/sra_attention.cu).
 
-Without a GPU: the kernels run in the CUDA emulation (SEGFORMER_FAST_CUDA_EMULATE=1, CPU tensors)
+Without a GPU: ``sra_attention(..., backend="cuda")`` runs the kernels in the CUDA emulation
+(SEGFORMER_FAST_CUDA_EMULATE=1, CPU tensors)
 against the fp64 reference on the Triton twin's odd shapes, in two block orders (shuffled blocks
 and warps, two worker threads); every .cu under csrc/cuda compiles with nvcc for sm_80 and sm_90a
 with 0 spills; the GPU binding passes g++ -fsyntax-only. With a GPU: the nvcc build on CUDA tensors.
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from segformer_fast import reference
+from segformer_fast import backends, reference
 from segformer_fast.kernels import cuda as K
+from segformer_fast.ops.sra_attention import sra_attention
 from segformer_fast.testing import check_op
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,26 +52,8 @@ def order(request, emu):
     emu.emu_configure("sequential", 0, 1, 80)
 
 
-class _CudaAttention(torch.autograd.Function):
-    """The cuda launchers with autograd (the op-level wiring lives in segformer_fast.ops)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, heads, scale):
-        o, lse = K.sra_attention_fwd(q, k, v, heads, scale)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.heads, ctx.scale = heads, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, lse = ctx.saved_tensors
-        dq, dk, dv = K.sra_attention_bwd(do, q, k, v, lse, ctx.heads, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def cuda_attention(q, k, v, heads, scale=None):
-    scale = (q.shape[-1] // heads) ** -0.5 if scale is None else scale
-    return _CudaAttention.apply(q, k, v, heads, float(scale))
+    return sra_attention(q, k, v, heads, scale, backend="cuda")
 
 
 # (heads, head_dim, N, M, batch, q/k magnitude): the Triton twin's shapes
@@ -171,9 +155,32 @@ def test_emulation_refuses_without_opt_in():
     try:
         with pytest.raises(ValueError, match="SEGFORMER_FAST_CUDA_EMULATE=1"):
             K.native(torch.device("cpu"))
+        x = torch.randn(1, 5, 8)
+        with pytest.raises(backends.BackendUnavailable, match="cuda: CPU tensors need SEGFORMER_FAST_CUDA_EMULATE=1"):
+            sra_attention(x, x, x, 2, backend="cuda")
     finally:
         if old is not None:
             os.environ[K.EMULATE_ENV] = old
+
+
+def test_dispatch(emu):
+    """Named, the emulation runs CPU tensors; auto never picks it; head dims > 128 are refused."""
+    assert backends.which("sra_attention", "cpu", torch.float16, backend="cuda").name == "cuda"
+    assert backends.which("sra_attention", "cpu", torch.float32).name != "cuda"
+    bad = backends.which("sra_attention", "cpu", torch.float32, backend="cuda", facts={"head_dim": 160})
+    assert bad.name is None and "cuda: head dim 160 > 128" in bad.error
+    assert "float64" in backends.which("sra_attention", "cpu", torch.float64, backend="cuda").error
+
+
+def test_opcheck(emu):
+    """Schema, fake kernels, autograd registration of the two custom ops (emulated build)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 16, generator=g) for n in (9, 4, 4))
+    o, lse = torch.ops.segformer_fast.cuda_sra_attention_fwd(q, k, v, 2, 0.25)
+    torch.library.opcheck(torch.ops.segformer_fast.cuda_sra_attention_fwd.default,
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 2, 0.25))
+    torch.library.opcheck(torch.ops.segformer_fast.cuda_sra_attention_bwd.default,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), lse, 2, 0.25))
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ Launchers here do no argument checking beyond what the raw-pointer code relies o
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -56,6 +57,28 @@ def native(device: torch.device):
         return emulated_build()
     raise ValueError(f"the cuda kernels need CUDA tensors, or CPU tensors with {EMULATE_ENV}=1 (the "
                      f"CUDA emulation); got device {device}")
+
+
+def build_problem(device_type: str) -> str | None:
+    """Why the build for ``device_type`` tensors cannot be made here, from cheap facts only (the
+    build itself runs on the first call; a failure then raises): None when it can."""
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (the CUDA kernels are JIT-built on first use)"
+    if device_type == "cuda":
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if torch.version.cuda is None:
+            return "needs a CUDA build of torch"
+        if CUDA_HOME is None:
+            return "nvcc / the CUDA toolkit was not found (set CUDA_HOME)"
+        return None
+    if device_type == "cpu":
+        if not emulating():
+            return f"CPU tensors need {EMULATE_ENV}=1 (the CUDA emulation) or CUDA tensors"
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            return "no C++ compiler found for the emulated build"
+        return None
+    return f"no build for {device_type} tensors"
 
 
 def configure_emulation(order: str = "sequential", seed: int = 0, workers: int = 1, arch: int = 80) -> None:

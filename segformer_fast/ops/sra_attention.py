@@ -2,8 +2,10 @@
 
 ``sra_attention(q, k, v, num_heads, scale=None)``: q (B, N, C), k and v (B, M, C) → (B, N, C).
 Implementations (``segformer_fast.backends``): ``triton`` (flash-style kernels, head dim <= 128:
-one head's K/V tile stays on chip), ``torch`` (``scaled_dot_product_attention`` on strided head
-views, any head dim), ``reference``.
+one head's K/V tile stays on chip), ``cuda`` (the CUDA C++ twin of the Triton kernels, head dim
+<= 128: nvcc build on CUDA tensors; on CPU tensors the CUDA emulation, when
+``SEGFORMER_FAST_CUDA_EMULATE=1`` and ``cuda`` is named), ``torch`` (``scaled_dot_product_attention``
+on strided head views, any head dim), ``reference``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import Impl, Inputs, register, triton_impl
+from ..backends import GPU_FLOATS, Impl, Inputs, register, triton_impl
 from ._common import autocast_policy, choose, needs_grad, register_autocast
 
 __all__ = ["sra_attention"]
@@ -102,6 +104,45 @@ register_autocast(_sra_fwd, "lower")
 register_autocast(_sra_bwd, "keep")
 
 
+# ---------------------------------------------------------------- cuda: CUDA C++ kernels (csrc/cuda)
+# Same contract as the Triton pair (O and the fp32 base-2 LSE; deterministic dK/dV), own op names
+# so that traced graphs say which kernels they call.
+@torch.library.custom_op("segformer_fast::cuda_sra_attention_fwd", mutates_args=())
+def _cuda_fwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from ..kernels.cuda import sra_attention_fwd
+    return sra_attention_fwd(_triton_ready(q), _triton_ready(k), _triton_ready(v), num_heads, scale)
+
+
+@_cuda_fwd.register_fake
+def _(q, k, v, num_heads, scale):
+    B, N, C = q.shape
+    return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("segformer_fast::cuda_sra_attention_bwd", mutates_args=())
+def _cuda_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_heads: int,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.cuda import sra_attention_bwd
+    return sra_attention_bwd(_triton_ready(do), _triton_ready(q), _triton_ready(k), _triton_ready(v),
+                             lse, num_heads, scale)
+
+
+@_cuda_bwd.register_fake
+def _(do, q, k, v, lse, num_heads, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _cuda_backward(ctx, do, dlse):
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = _cuda_bwd(do, q, k, v, lse, ctx.num_heads, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_cuda_fwd.register_autograd(_cuda_backward, setup_context=_setup_context)
+register_autocast(_cuda_fwd, "lower")
+register_autocast(_cuda_bwd, "keep")
+
+
 # ---------------------------------------------------------------- torch: stock SDPA
 def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
     B, N, C = q.shape
@@ -127,6 +168,10 @@ def _run_torch(q, k, v, num_heads, scale):
     return reference.sra_attention(q, k, v, num_heads, scale)
 
 
+def _run_cuda(q, k, v, num_heads, scale):
+    return _cuda_fwd(q, k, v, num_heads, scale)[0]
+
+
 def _triton_limits(inputs: Inputs) -> list[str]:
     d = inputs.facts.get("head_dim")
     if d is not None and d > _TRITON_MAX_HEAD_DIM:
@@ -134,8 +179,22 @@ def _triton_limits(inputs: Inputs) -> list[str]:
     return []
 
 
+def _cuda_limits(inputs: Inputs) -> list[str]:
+    why = _triton_limits(inputs)        # the same on-chip K/V tiles: head dim <= 128
+    if inputs.device.type == "cpu" and inputs.requested == "auto":
+        why.append("the CUDA emulation is a correctness tool: CPU tensors run it only when 'cuda' is "
+                   "asked for by name")
+    elif not why and inputs.dtype in GPU_FLOATS:
+        from ..kernels.cuda import build_problem
+        problem = build_problem(inputs.device.type)
+        if problem:
+            why.append(problem)
+    return why
+
+
 IMPLS = register("sra_attention", [
     triton_impl(_run_triton, _triton_limits),
+    Impl("cuda", _run_cuda, devices=("cuda", "cpu"), dtypes=GPU_FLOATS, limits=_cuda_limits),
     Impl("torch", _run_torch, onnx=True),
     Impl("reference", reference.sra_attention, onnx=True),
 ])
@@ -148,8 +207,8 @@ def sra_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float 
 
     q: (B, N, C); k, v: (B, M, C) (k and v may be column halves of one (B, M, 2C) tensor: any
     row stride works, only the channel dim must be contiguous). Head h owns channels
-    h*d ... (h+1)*d, d = C // num_heads (the triton implementation takes d <= 128, the others any
-    d); ``scale`` defaults to d**-0.5. Softmax statistics and accumulations are fp32 for every
+    h*d ... (h+1)*d, d = C // num_heads (the triton and cuda implementations take d <= 128, the
+    others any d); ``scale`` defaults to d**-0.5. Softmax statistics and accumulations are fp32 for every
     input dtype; fp32 inputs use IEEE dot products. Under autocast all tensors run in the autocast
     dtype. ``backend`` pins one implementation (default: the process-wide choice).
     Returns (B, N, C) in q's dtype.
