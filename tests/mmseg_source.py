@@ -1,23 +1,26 @@
 """mmsegmentation's own SegFormer source (1.x), runnable beside a CPU torch.
 
-mmseg's package ``__init__`` files import far more than SegFormer needs (mmseg's asserts an mmcv
-version range and its ``models`` package imports every model; ``mmcv/__init__`` and
-``mmcv/cnn/__init__`` import OpenCV through ``mmcv.image`` and ``mmengine.runner``), and mmcv's
-compiled ops cannot be installed beside torch 2.13 CPU. So this loads the files that make up
-mmseg's SegFormer as they are, under their real module names, from a directory filled by
+mmseg's and mmcv's package ``__init__`` files import far more than SegFormer needs:
+``mmseg/models/__init__`` imports every model, ``mmcv/__init__`` and ``mmcv/cnn/__init__`` import
+OpenCV (``mmcv.image``, and ``mmengine.runner`` through ``mmcv.cnn.alexnet``), and mmcv's compiled
+ops cannot be installed beside torch 2.13 CPU. So this loads the files that make up mmseg's
+SegFormer as they are, under their real module names, from a directory filled by
 
     pip install --no-deps --target DIR mmsegmentation==1.2.2 mmcv-lite==2.1.0 mmengine==0.10.7 \
-        addict termcolor yapf platformdirs
+        addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 platformdirs==4.14.8
 
-(found through ``SEGFORMER_FAST_MMSEG``; ``.ci/run`` installs it). ``mmengine`` (and its
-registries, ``BaseModule``, weight init) is imported as the real package, ``mmcv.cnn.bricks``
-(ConvModule, build_norm_layer, build_dropout, DropPath, MultiheadAttention) as the real package;
-mmseg's own ``__init__`` runs as it is (its version checks included); the only stand-ins are
-the package ``__init__`` files below it and mmcv's: empty packages whose
-``__path__`` is the real folder, given the names the loaded files import from them (each name
-taken from the real submodule that defines it). No mmseg/mmcv arithmetic is replaced.
-``mmcv.ops`` is not importable (no compiled ops); ``mmcv.cnn.bricks.transformer`` already
-treats that as optional and nothing SegFormer builds uses it.
+(found through ``SEGFORMER_FAST_MMSEG``; ``.ci/run`` installs it; mmseg 1.2.2 asserts
+mmcv < 2.2.0, hence mmcv-lite 2.1.0). Real and unmodified: ``mmengine`` (registries,
+``BaseModule``, weight init), ``mmcv.cnn.bricks`` (ConvModule, Conv2d wrapper, build_norm_layer,
+build_dropout, DropPath, MultiheadAttention), mmseg's own ``__init__`` (its version checks),
+``models/backbones/mit.py``, ``models/decode_heads/{decode_head,segformer_head}.py``,
+``models/utils/{embed,shape_convert,wrappers}.py``, ``models/losses/{accuracy,cross_entropy_loss,
+utils}.py``, ``models/builder.py``, ``registry``, ``structures``, ``utils/typing_utils.py``. The
+only stand-ins are the ``__init__`` files of ``mmcv``, ``mmcv.cnn``, ``mmseg.utils``,
+``mmseg.models`` and its subpackages: empty packages whose ``__path__`` is the real folder,
+given the names the loaded files import from them (each taken from the real submodule that
+defines it). No mmseg/mmcv arithmetic is replaced. ``mmcv.ops`` is absent (no compiled ops);
+``mmcv.cnn.bricks.transformer`` already treats it as optional and SegFormer never uses it.
 """
 from __future__ import annotations
 

@@ -131,9 +131,31 @@ def patch_and_check(model, backend="torch"):
 
 
 # ----------------------------------------------------------------------------- whole model
+@pytest.fixture
+def vouch_mmcv_conv(monkeypatch):
+    """Stands in for the vouch the library lacks (see test_real_mmseg_every_conv_is_fused):
+    ``plain`` also accepts mmcv's Conv2d wrapper (whose forward is nn.Conv2d's on torch >= 1.5),
+    so the fused Mix-FFN and sequence reduction run on mmseg's real modules."""
+    import importlib
+
+    from segformer_fast.nn import _parts
+
+    def plain(m, cls):
+        t = type(m)
+        vouched = cls is nn.Conv2d and (t.__module__, t.__name__) == ("mmcv.cnn.bricks.wrappers", "Conv2d")
+        return (t is cls or vouched) and _parts.hookless(m)
+
+    for name in ("segformer_fast.nn.mix_ffn", "segformer_fast.nn.patch_embed", "segformer_fast.patch.mmseg"):
+        monkeypatch.setattr(importlib.import_module(name), "plain", plain)
+
+
+@pytest.mark.parametrize("vouched", [False, True], ids=["as-is", "mmcv-conv-vouched"])
 @pytest.mark.parametrize("shape", [(2, 3, 64, 48), (1, 3, 67, 61)])
-def test_real_mmseg_segformer_patched_matches(mm, shape):
+def test_real_mmseg_segformer_patched_matches(mm, shape, vouched, request):
     # dropout after the projections and in the FFN, DropPath: the fused paths run in training
+    # (batch 1: the FFN dropout masks follow the source's NCHW memory order, see _ffn_dropout)
+    if vouched:
+        request.getfixturevalue("vouch_mmcv_conv")
     model = segmentor(mm, drop=0.1, drop_path=0.2)
     hooked = []
     model.backbone.layers[0][1][0].attn.register_forward_hook(lambda m, a, o: hooked.append(o.shape))
@@ -143,6 +165,7 @@ def test_real_mmseg_segformer_patched_matches(mm, shape):
     for i in range(4):
         assert f"backbone.layers.{i}.0" in patched
         assert f"backbone.layers.{i}.1.0.attn" in patched
+        assert f"backbone.layers.{i}.1.0.ffn" in patched or not vouched
     assert "decode_head" in patched
     for path, why in report.skipped:        # never silent: whatever is left has a reason
         assert path.endswith(".ffn") and why, (path, why)
@@ -249,6 +272,17 @@ def test_real_mmseg_mix_ffn_part(mm, act):
     hw = (11, 7)
     # refused today (see test_real_mmseg_every_conv_is_fused), exact either way
     _check_part(ffn, _tokens(2, hw, 16, 5), (hw, _tokens(2, hw, 16, 6)), fused=False)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_real_mmseg_mix_ffn_fused_draws_the_sources_masks(mm, vouch_mmcv_conv, B):
+    # regression: at batch 1 mmseg's convs return NCHW maps, so its dropout masks are drawn in
+    # NCHW order; the fused FFN drew them in token (channels-last) order and its training
+    # outputs differed from the source's by ~60% of their scale
+    torch.manual_seed(0)
+    ffn = init_realistic_(mm.mit.MixFFN(16, 64, ffn_drop=0.3), seed=8)
+    hw = (9, 7)
+    _check_part(ffn, _tokens(B, hw, 16, 5), (hw,), fused=True)
 
 
 def test_real_mmseg_patch_embed_part(mm):

@@ -10,7 +10,8 @@ Recognised by structure, not class names (users subclass mmseg's modules). Parts
   K/V weight: zero-copy slices), ``sr``/``norm``, ``proj_drop``, ``dropout_layer``;
   ``forward(x, hw_shape, identity=None)`` returns ``identity + dropout_layer(proj_drop(out))``;
 - ``MixFFN``: ``layers`` = [fc1, pe_conv, activate, drop, fc2, drop] with fc1/fc2 1x1 convs (run
-  as linears on views of their weights); its dropouts see NCHW maps; residual inside;
+  as linears on views of their weights); its dropouts see NCHW maps in the source's memory
+  order (NCHW-contiguous at batch 1, channels-last otherwise); residual inside;
 - ``SegformerHead``: per-stage ``convs`` (ConvModule: conv + BN + ReLU, non-linear: run as they
   are) and ``fusion_conv`` whose 1x1 conv moves before the upsampling (concat in stage order).
 """
@@ -145,6 +146,20 @@ def _nchw_module(mod, x, hw):
     return mod(tokens_as_nchw(x, hw)).flatten(2).transpose(1, 2)
 
 
+def _ffn_dropout(drop, x, hw):
+    """The Mix-FFN's dropout on tokens, drawing the mask the source draws.
+
+    A drawing dropout fills its mask in memory order, and the source's maps are the outputs of
+    convs on ``nlc_to_nchw(x)`` = ``x.transpose(1, 2).reshape(B, C, H, W)``. At batch 1 (and more
+    than one pixel) PyTorch does not read that view's strides as channels-last, so the source's
+    convs return NCHW-contiguous maps and the mask is drawn in NCHW order; at batch > 1 they are
+    channels-last, like our tokens. (Assumes fc1's weight is not itself channels-last memory,
+    which would make the source's maps channels-last at batch 1 too.)"""
+    if not (drop.training and getattr(drop, "p", 1.0) > 0) or x.shape[0] > 1 or x.shape[1] == 1:
+        return _nchw_module(drop, x, hw)
+    return drop(tokens_as_nchw(x, hw).contiguous()).flatten(2).transpose(1, 2)
+
+
 def mix_ffn_forward(self, x, hw_shape, identity=None):
     if not hookless(self.layers):
         return stock_forward(self, x, hw_shape, identity)
@@ -153,8 +168,8 @@ def mix_ffn_forward(self, x, hw_shape, identity=None):
     h = _pointwise(fc1, x, hw)
     h = dwconv_act(h, hw[0], hw[1], conv, act, backend=backend_of(self),
                    unfused=lambda t: _nchw_module(lambda y: act(conv(y)), t, hw))
-    h = _nchw_module(drop, h, hw)
-    h = _nchw_module(drop2, _pointwise(fc2, h, hw), hw)
+    h = _ffn_dropout(drop, h, hw)
+    h = _ffn_dropout(drop2, _pointwise(fc2, h, hw), hw)
     return (x if identity is None else identity) + self.dropout_layer(h)
 
 
