@@ -247,3 +247,25 @@ def test_gpu_binding_syntax():
            f"-I{__import__('sysconfig').get_paths()['include']}", str(CSRC / "bindings" / "cuda.cpp")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_traffic_model():
+    """The CUDA kernel's model at SegFormer-B0 stage 1, 512x512 (N = 16384, M = 256, C = 32):
+    HBM traffic is the inputs and outputs only, far below the reference sequence's."""
+    from segformer_fast.analysis.cuda_sra_attention import cuda_sra_attention_cost
+    from segformer_fast.analysis.sra_attention import sra_attention_cost
+
+    B, N, M, C, H = 1, 16384, 256, 32, 1
+    fwd = cuda_sra_attention_cost(B, N, M, C, H, torch.float16)
+    assert fwd["hbm"].bytes == (N * C + 2 * M * C) * 2 + N * C * 2 + N * 4
+    assert fwd["useful_flops"] == 4 * N * M * C and fwd["padding_overhead"] == 0.0
+    both = cuda_sra_attention_cost(B, N, M, C, H, torch.float16, backward=True)
+    ref = sra_attention_cost(B, N, M, C, H, torch.float16, backward=True)["reference"]
+    assert both["hbm"].bytes < ref.bytes / 10
+    assert both["splits"] >= 2 and both["blocks"]["dkdv"] == 4 * both["splits"]
+    for dtype in (torch.float32, torch.float16):
+        for d in (32, 40, 64, 128):
+            m = cuda_sra_attention_cost(1, 70, 19, d, 1, dtype, backward=True)
+            assert max(m["smem_bytes"].values()) <= 101376          # sm_86/89 opt-in cap
+    assert cuda_sra_attention_cost(1, 64, 64, 40, 1)["padding_overhead"] == pytest.approx(64 / 40 - 1)
+    print(both["hbm"], f"L2 {both['l2_bytes'] / 1e6:.1f} MB, splits {both['splits']}")
