@@ -3,6 +3,8 @@
     python -m segformer_fast demo    patch an HF SegFormer-B0, check parity, print the speed-up
     python -m segformer_fast profile per-op time before and after patching (torch.profiler)
     python -m segformer_fast bench   markdown table of ratios from a saved benchmark run
+    python -m segformer_fast kernels ahead-of-time sm_80/sm_90 compile of every Triton kernel
+                                     launch of SegFormer B0-B5 (registers, spills, shared memory)
 """
 from __future__ import annotations
 
@@ -145,6 +147,11 @@ def bench(args) -> int:
     return 0
 
 
+def _kernels(args) -> int:
+    from segformer_fast.analysis.aot import main as kernels_main
+    return kernels_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segformer_fast")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -167,7 +174,20 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="markdown table of ratios from a pytest-benchmark JSON")
     p.add_argument("json", nargs="?", help="a JSON file (default: the newest under benchmarks/results)")
     p.set_defaults(fn=bench)
+    p = sub.add_parser("kernels", help="compile every Triton kernel launch of SegFormer B0-B5 for sm_80/sm_90: "
+                                       "registers, spills, shared memory (exit 1 on a spill or > 100 KB shared)")
+    p.add_argument("--quick", action="store_true", help="B0 and B2 at 512x512, fp16 and fp32, batch 1 only")
+    p.add_argument("--variants", type=lambda s: s.lower().split(","), help="e.g. b0,b2 (default b0-b5)")
+    p.add_argument("--sizes", type=lambda s: [tuple(map(int, hw.split("x"))) for hw in s.split(",")],
+                   help="e.g. 512x512,1024x2048 (the default)")
+    p.add_argument("--dtypes", type=lambda s: s.split(","), help="e.g. fp32,fp16,bf16 (the default)")
+    p.add_argument("--archs", type=lambda s: [int(a) for a in s.split(",")], help="e.g. 80,90 (the default)")
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], help="default 1,8")
+    p.add_argument("--workers", type=int, default=2, help="compiles in flight (default 2)")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(fn=_kernels)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.fn(args)
 
 

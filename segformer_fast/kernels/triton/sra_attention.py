@@ -48,6 +48,15 @@ def _head_columns(pid_bh, H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(N, H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Prologue of the kernels gridded (query tile, batch*head): batch index, head columns and
+    their mask (``_head_columns``), this program's query rows (BLOCK_N,) and their mask."""
+    b, cols, mask_d = _head_columns(tl.program_id(1), H, HEAD_DIM, BLOCK_D)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b, cols, mask_d, offs_n, offs_n < N
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, mask_row, cols, mask_col,
                TRANSPOSE: tl.constexpr, UPCAST: tl.constexpr):
     """One head's slab of a token matrix: (len(rows), BLOCK_D) at base + row*stride_row + col, or
@@ -90,11 +99,7 @@ def _sra_fwd_kernel(Q, K, V, O, LSE,       # q (B, N, C); k, v (B, M, C); O (B, 
                     N, M, H, qk_scale,      # qk_scale = scale * log2(e)
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, cols, mask_d = _head_columns(pid_bh, H, HEAD_DIM, BLOCK_D)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    b, cols, mask_d, offs_n, mask_n = _query_rows(N, H, HEAD_DIM, BLOCK_D, BLOCK_N)
     q = _load_rows(Q + b * stride_qb, offs_n, stride_qn, mask_n, cols, mask_d, False, UPCAST)
     k_base = K + b * stride_kb
     v_base = V + b * stride_vb
@@ -120,7 +125,7 @@ def _sra_fwd_kernel(Q, K, V, O, LSE,       # q (B, N, C); k, v (B, M, C); O (B, 
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + offs_n[:, None] * stride_on + cols[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_n, m_i + tl.log2(l_i), mask=mask_n)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * N + offs_n, m_i + tl.log2(l_i), mask=mask_n)
 
 
 @triton.jit
@@ -130,14 +135,10 @@ def _sra_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,   # q, dO, dQ (B, N, C); k, 
                        N, M, H, qk_scale, sm_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, cols, mask_d = _head_columns(pid_bh, H, HEAD_DIM, BLOCK_D)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    b, cols, mask_d, offs_n, mask_n = _query_rows(N, H, HEAD_DIM, BLOCK_D, BLOCK_N)
     q = _load_rows(Q + b * stride_qb, offs_n, stride_qn, mask_n, cols, mask_d, False, UPCAST)
     do = _load_rows(DO + b * stride_dob, offs_n, stride_don, mask_n, cols, mask_d, False, UPCAST)
-    row = pid_bh.to(tl.int64) * N + offs_n
+    row = tl.program_id(1).to(tl.int64) * N + offs_n
     lse = tl.load(LSE + row, mask=mask_n, other=0.0)
     k_base = K + b * stride_kb
     v_base = V + b * stride_vb
@@ -226,33 +227,27 @@ def launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> LaunchConfi
 
     BLOCK_N tiles queries, BLOCK_M keys. BLOCK_M <= 64 so M > 64 really iterates the online
     softmax; at M <= BLOCK_M one tile covers all keys (a single pass). fp16/bf16 dots run on
-    tensor cores; fp32 IEEE dots run on CUDA cores with a larger register footprint, so fp32
-    uses 32-key tiles and 8 warps. Every entry compiles for sm_80 and sm_90 with 0 spills and
-    <= 100 KB shared memory with Triton 3.6 and 3.9 (``python -m segformer_fast kernels``)."""
+    tensor cores. fp32 IEEE dots run on CUDA cores with a larger register footprint: at
+    d <= 64 all three kernels use 32 x 32 tiles over 4 warps. 64 x 32 tiles over 8 warps
+    compiled spill-free with Triton 3.9, but Triton 3.6 capped them at 80 registers and spilled
+    12 B (forward, sm_80), 8 B (dK/dV, sm_80) and 16 B (dQ, sm_90) at d = 64; 64 x 32 over
+    4 warps spilled hundreds of bytes with both. Every entry compiles for sm_80 and sm_90 with
+    0 spills and <= 100 KB shared memory with Triton 3.6 and 3.9 (``python -m segformer_fast
+    kernels``)."""
     bd = block_d(head_dim)
-    fp32 = dtype == torch.float32
-    if kernel == "fwd":
-        if fp32:
-            cfg = (64, 32, 8, 2)
-        elif bd <= 32:
-            cfg = (128, 64, 4, 3)
-        elif bd <= 64:
-            cfg = (128, 64, 8, 3)
-        else:
-            cfg = (64, 64, 4, 2)
-    elif kernel == "dq":
-        if fp32:
-            # d = 128 in fp32 (not a SegFormer shape) only fits without spills at 16 x 16
-            cfg = (64, 32, 8, 2) if bd <= 64 else (16, 16, 8, 1)
-        else:
-            cfg = (64, 64, 4, 2)
-    elif kernel == "dkdv":
-        if fp32:
-            cfg = (64, 32, 8, 2) if bd <= 64 else (16, 32, 4, 1)
-        else:
-            cfg = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 1)
-    else:
+    if kernel not in ("fwd", "dq", "dkdv"):
         raise ValueError(f"unknown kernel {kernel!r}")
+    if dtype == torch.float32:
+        if bd <= 64:
+            cfg = (32, 32, 4, 2)
+        else:   # d = 128 (not a SegFormer shape) only fits without spills at these tiles
+            cfg = {"fwd": (64, 32, 8, 2), "dq": (16, 16, 8, 1), "dkdv": (16, 32, 4, 1)}[kernel]
+    elif kernel == "fwd":
+        cfg = (128, 64, 4, 3) if bd <= 32 else (128, 64, 8, 3) if bd <= 64 else (64, 64, 4, 2)
+    elif kernel == "dq":
+        cfg = (64, 64, 4, 2)
+    else:
+        cfg = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 1)
     bn, bm, warps, stages = cfg
     return LaunchConfig(BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
 
