@@ -131,31 +131,10 @@ def patch_and_check(model, backend="torch"):
 
 
 # ----------------------------------------------------------------------------- whole model
-@pytest.fixture
-def vouch_mmcv_conv(monkeypatch):
-    """Stands in for the vouch the library lacks (see test_real_mmseg_every_conv_is_fused):
-    ``plain`` also accepts mmcv's Conv2d wrapper (whose forward is nn.Conv2d's on torch >= 1.5),
-    so the fused Mix-FFN and sequence reduction run on mmseg's real modules."""
-    import importlib
-
-    from segformer_fast.nn import _parts
-
-    def plain(m, cls):
-        t = type(m)
-        vouched = cls is nn.Conv2d and (t.__module__, t.__name__) == ("mmcv.cnn.bricks.wrappers", "Conv2d")
-        return (t is cls or vouched) and _parts.hookless(m)
-
-    for name in ("segformer_fast.nn.mix_ffn", "segformer_fast.nn.patch_embed", "segformer_fast.patch.mmseg"):
-        monkeypatch.setattr(importlib.import_module(name), "plain", plain)
-
-
-@pytest.mark.parametrize("vouched", [False, True], ids=["as-is", "mmcv-conv-vouched"])
 @pytest.mark.parametrize("shape", [(2, 3, 64, 48), (1, 3, 67, 61)])
-def test_real_mmseg_segformer_patched_matches(mm, shape, vouched, request):
+def test_real_mmseg_segformer_patched_matches(mm, shape):
     # dropout after the projections and in the FFN, DropPath: the fused paths run in training
     # (batch 1: the FFN dropout masks follow the source's NCHW memory order, see _ffn_dropout)
-    if vouched:
-        request.getfixturevalue("vouch_mmcv_conv")
     model = segmentor(mm, drop=0.1, drop_path=0.2)
     hooked = []
     model.backbone.layers[0][1][0].attn.register_forward_hook(lambda m, a, o: hooked.append(o.shape))
@@ -165,10 +144,9 @@ def test_real_mmseg_segformer_patched_matches(mm, shape, vouched, request):
     for i in range(4):
         assert f"backbone.layers.{i}.0" in patched
         assert f"backbone.layers.{i}.1.0.attn" in patched
-        assert f"backbone.layers.{i}.1.0.ffn" in patched or not vouched
+        assert f"backbone.layers.{i}.1.0.ffn" in patched
     assert "decode_head" in patched
-    for path, why in report.skipped:        # never silent: whatever is left has a reason
-        assert path.endswith(".ffn") and why, (path, why)
+    assert not report.skipped, str(report)
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     model.eval(), ref.eval()
@@ -226,16 +204,12 @@ def _tokens(B, hw, C, seed, scale=2.0):
     return torch.randn(B, hw[0] * hw[1], C, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def _check_part(part, x, args, backend="torch", tol=1e-5, fused=True):
-    """Patch a bare part; forward parity in eval, forward/input/parameter gradients in train.
-    ``fused=False``: the part may also be refused (with a reason) and keep its stock forward."""
+def _check_part(part, x, args, backend="torch", tol=1e-5):
+    """Patch a bare part; forward parity in eval, forward/input/parameter gradients in train."""
     cls = type(part)
     report, ref = patch_and_check(part, backend=backend)
-    if fused or report.replaced:
-        assert report.replaced == [cls.__name__] and not report.skipped, str(report)
-        assert type(part) is cls and "forward" in vars(part)
-    else:
-        assert len(report.skipped) == 1 and report.skipped[0][1], str(report)
+    assert report.replaced == [cls.__name__] and not report.skipped, str(report)
+    assert type(part) is cls and "forward" in vars(part)
     part.eval(), ref.eval()
     with torch.no_grad():
         a, b = part(x, *args), ref(x, *args)
@@ -270,19 +244,18 @@ def test_real_mmseg_mix_ffn_part(mm, act):
     ffn = init_realistic_(mm.mit.MixFFN(16, 64, act_cfg=act_cfg, ffn_drop=0.1,
                                         dropout_layer=dict(type="DropPath", drop_prob=0.2)), seed=8)
     hw = (11, 7)
-    # refused today (see test_real_mmseg_every_conv_is_fused), exact either way
-    _check_part(ffn, _tokens(2, hw, 16, 5), (hw, _tokens(2, hw, 16, 6)), fused=False)
+    _check_part(ffn, _tokens(2, hw, 16, 5), (hw, _tokens(2, hw, 16, 6)))
 
 
 @pytest.mark.parametrize("B", [1, 2])
-def test_real_mmseg_mix_ffn_fused_draws_the_sources_masks(mm, vouch_mmcv_conv, B):
+def test_real_mmseg_mix_ffn_fused_draws_the_sources_masks(mm, B):
     # regression: at batch 1 mmseg's convs return NCHW maps, so its dropout masks are drawn in
     # NCHW order; the fused FFN drew them in token (channels-last) order and its training
     # outputs differed from the source's by ~60% of their scale
     torch.manual_seed(0)
     ffn = init_realistic_(mm.mit.MixFFN(16, 64, ffn_drop=0.3), seed=8)
     hw = (9, 7)
-    _check_part(ffn, _tokens(B, hw, 16, 5), (hw,), fused=True)
+    _check_part(ffn, _tokens(B, hw, 16, 5), (hw,))
 
 
 def test_real_mmseg_patch_embed_part(mm):
@@ -321,11 +294,8 @@ def test_real_mmseg_refusals_are_reported(mm):
     assert report.replaced == [] and "batch_first" in report.skipped[0][1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mit.py builds sr, fc1, pe_conv and fc2 with mmcv's Conv2d wrapper (mmcv.cnn.bricks.wrappers,"
-    " exactly nn.Conv2d on torch >= 1.5), and nn._parts.plain only accepts type nn.Conv2d: every"
-    " real MixFFN is refused and every sequence reduction runs unfused. Needs a way for the mmseg"
-    " adapter to vouch for that class (like vouch_layernorm); then remove this marker"))
+# mit.py builds sr, fc1, pe_conv and fc2 with mmcv's Conv2d wrapper (exactly nn.Conv2d's forward
+# on torch >= 1.5): the mmseg adapter vouches for it, so every conv of the real model is fused
 def test_real_mmseg_every_conv_is_fused(mm, monkeypatch):
     import segformer_fast.nn.mix_ffn as mix_ffn
     import segformer_fast.nn.patch_embed as patch_embed

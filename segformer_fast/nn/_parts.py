@@ -21,23 +21,23 @@ def hookless(m: nn.Module) -> bool:
     return not (m._forward_hooks or m._forward_pre_hooks)
 
 
+# Subclasses a codebase adapter vouches for: their forward is exactly the stock class's on the
+# inputs we give them (smp's LayerNorm only adds an NCHW branch that tokens never take; mmcv's
+# Conv2d wrapper only special-cases empty inputs on torch < 1.5).
+_VOUCHED: dict[type, set[type]] = {}
+
+
+def vouch(cls: type, as_: type) -> None:
+    """Declare ``cls`` an exact ``as_`` (called by the adapter that knows the codebase)."""
+    if not issubclass(cls, as_):
+        raise TypeError(f"vouch: {cls.__name__} is not a subclass of {as_.__name__}")
+    _VOUCHED.setdefault(as_, set()).add(cls)
+
+
 def plain(m, cls: type) -> bool:
-    """``m`` is exactly a ``cls`` (no subclass, no hooks): its weights are its whole forward."""
-    return type(m) is cls and hookless(m)
-
-
-# LayerNorm subclasses a codebase adapter vouches for: F.layer_norm over the last dim of tokens,
-# like nn.LayerNorm (smp's LayerNorm only adds an NCHW branch that tokens never take).
-_EXACT_LAYERNORMS: set[type] = {nn.LayerNorm}
-
-
-def vouch_layernorm(cls: type) -> None:
-    """Declare ``cls`` an exact nn.LayerNorm on tokens (called by the adapter that knows it)."""
-    _EXACT_LAYERNORMS.add(cls)
-
-
-def plain_layernorm(m) -> bool:
-    return type(m) in _EXACT_LAYERNORMS and hookless(m)
+    """``m`` is exactly a ``cls`` (no subclass but a vouched one, no hooks): its weights are its
+    whole forward."""
+    return (type(m) is cls or type(m) in _VOUCHED.get(cls, ())) and hookless(m)
 
 
 def tokens_as_nchw(x: Tensor, hw: tuple[int, int]) -> Tensor:

@@ -5,7 +5,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.conv_layernorm import conv_layernorm
-from ._parts import plain, plain_layernorm, tokens_as_nchw
+from ._parts import plain, tokens_as_nchw
 
 __all__ = ["conv_layernorm_tokens", "conv_layernorm_unfusable"]
 
@@ -14,7 +14,7 @@ def conv_layernorm_unfusable(conv, norm) -> str | None:
     """Why ``norm(conv(x))`` cannot run as one ``ops.conv_layernorm`` (None: it can)."""
     if not plain(conv, nn.Conv2d):
         return f"the conv is a {type(conv).__name__} (or has hooks), not a plain nn.Conv2d"
-    if not plain_layernorm(norm):
+    if not plain(norm, nn.LayerNorm):
         return f"the norm is a {type(norm).__name__} (or has hooks), not a plain nn.LayerNorm"
     why = []
     if conv.groups != 1:

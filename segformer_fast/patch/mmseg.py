@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn._parts import hookless, plain, tokens_as_nchw
+from ..nn._parts import hookless, plain, tokens_as_nchw, vouch
 from ..nn.attention import spatial_reduction_attention
 from ..nn.decode_head import HeadParts, folded_head, head_unfusable
 from ..nn.mix_ffn import dwconv_act, dwconv_act_unfusable
@@ -64,7 +64,17 @@ def _is_backbone(m) -> bool:
     return isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(_is_stage(s) for s in layers)
 
 
+def _vouch_mmcv(model: nn.Module) -> None:
+    # mmseg builds sr, fc1, pe_conv and fc2 with mmcv's Conv2d wrapper, which is nn.Conv2d's
+    # forward on torch >= 1.5 (it only special-cases empty inputs on older torch)
+    for m in model.modules():
+        t = type(m)
+        if (t.__module__, t.__name__) == ("mmcv.cnn.bricks.wrappers", "Conv2d") and isinstance(m, nn.Conv2d):
+            vouch(t, nn.Conv2d)
+
+
 def matches(model: nn.Module) -> bool:
+    _vouch_mmcv(model)
     return any(_is_backbone(m) or is_attention(m) or is_mix_ffn(m) or is_head(m) or
                (m is model and is_patch_embed(m) and hasattr(m, "adap_padding")) for m in model.modules())
 

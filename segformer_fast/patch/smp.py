@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..nn._parts import hookless, vouch_layernorm
+from ..nn._parts import hookless, vouch
 from ..nn.decode_head import HeadParts, folded_head, head_unfusable
 from ..nn.patch_embed import conv_layernorm_tokens
 from . import nvlabs
@@ -32,7 +32,7 @@ def _smp_class(m) -> bool:
 def matches(model: nn.Module) -> bool:
     for m in model.modules():
         if _smp_class(m) and type(m).__name__ == "LayerNorm" and isinstance(m, nn.LayerNorm):
-            vouch_layernorm(type(m))
+            vouch(type(m), nn.LayerNorm)
     return any(_smp_class(m) for m in model.modules())
 
 
