@@ -1,11 +1,7 @@
 """conv + LayerNorm (patch embedding, sequence reduction): Triton kernels under the interpreter,
-the torch backend, input checks, drop-in modules, torch.compile, AOT compile stats (cost model: tests/test_cost_models.py)."""
+the torch backend, input checks, drop-in modules, torch.compile (AOT compile: tests/test_kernels_aot.py; cost model: tests/test_cost_models.py)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -184,54 +180,3 @@ def test_torch_compile_traces_custom_op(launches):
     assert args[0].grad is not None and args[1].grad is not None
     assert launches["fwd"] >= 1 and launches["bwd"] >= 1
     print(f"torch.compile trace + run: {time.time() - t0:.1f}s")
-
-
-# ----------------------------------------------------------------------------------------------
-# ahead-of-time compilation at SegFormer's real shapes: every (kernel, config) that runs
-
-# (Cout, Cin, k, tokens): stem k7 (image, B0/B1+), stage 2-4 k3 embeddings, sr 8/4/2 reductions
-REAL = [(32, 3, 7, False), (64, 3, 7, False),
-        (64, 32, 3, True), (128, 64, 3, True), (160, 64, 3, True), (320, 128, 3, True),
-        (256, 160, 3, True), (512, 320, 3, True),
-        (32, 32, 8, True), (64, 64, 8, True), (128, 128, 4, True)]
-
-
-def _aot_jobs():
-    seen, jobs = set(), []
-    for cout, cin, k, tokens in REAL:
-        K_ = cin * k * k
-        for dtype in (torch.float32, torch.bfloat16):
-            cfg = K.launch_config(cout, K_, dtype, interpret=False)
-            key = (tokens, dtype, tuple(sorted(cfg.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            # 16-divisible at the real shapes: H, W, H', W' (512/1024 inputs), Cout, K unless the
-            # 3-channel stem; strides of tokens (C multiple of 16) / of the image (H*W, W)
-            div = ("H", "W", "Ho", "Wo", "sxb", "sxh") + (("Cin", "Cout", "K", "sxw") if tokens else ("sxc", "Cout"))
-            for kernel in ("fwd", "bwd"):
-                for arch in (80, 90):
-                    jobs.append((kernel, dtype, cout, K_, tokens, div, arch))
-    return jobs
-
-
-def test_aot_compile_every_config():
-    """sm_80 + sm_90 compile of every (kernel, dtype, config) that runs at SegFormer's shapes, in a
-    subprocess without the interpreter (the interpreter's @triton.jit functions cannot be lowered)."""
-    jobs = [dict(kernel=kernel, dtype=str(dtype)[6:], cout=cout, k=K_, tokens=tokens, divisible=list(div), arch=arch)
-            for kernel, dtype, cout, K_, tokens, div, arch in _aot_jobs()]
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "segformer_fast.kernels.triton.conv_layernorm"],
-                          input=json.dumps(jobs), capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"\n{'kernel':20} {'dtype':9} {'layout':6} {'Cout':>4} {'config':24} arch regs spill smem")
-    for job, r in zip(jobs, results):
-        c = r["constexprs"]
-        cfg = f"M{c['BLOCK_M']} N{c['BLOCK_N']} K{c['BLOCK_K']} w{r['num_warps']} s{r['num_stages']}"
-        print(f"{r['kernel']:20} {job['dtype']:9} {'tokens' if job['tokens'] else 'image':6} {job['cout']:4} "
-              f"{cfg:24} sm_{r['arch']} {r['registers']:4} {r['spills']:5} {r['shared_bytes']}")
-    assert len(results) == len(jobs)
-    for job, r in zip(jobs, results):
-        assert r["spills"] == 0, (job, r)
-        assert r["shared_bytes"] <= 100 * 1024, (job, r)

@@ -1,10 +1,7 @@
-"""dwconv_gelu (Mix-FFN core): Triton kernels under the interpreter, torch backend, input checks,
-AOT compile stats (cost models: tests/test_cost_models.py; the patched Mix-FFN modules: tests/test_parts.py)."""
+"""dwconv_gelu (Mix-FFN core): Triton kernels under the interpreter, torch backend, input checks
+(AOT compile: tests/test_kernels_aot.py; cost models: tests/test_cost_models.py; the patched Mix-FFN modules: tests/test_parts.py)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -204,22 +201,3 @@ def test_custom_op_registrations():
     x, hw, w, b, a = make_args(1, 2, 3, 16, "none", 1.0)
     torch.library.opcheck(_dwconv_gelu_op, (x, 2, 3, w, b, "none"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
-def test_aot_compile_sm80_sm90():
-    """Every kernel variant used at real hidden sizes (C 128...2048, fp16/fp32, erf/tanh GELU),
-    compiled for sm_80 and sm_90 with run-time divisibility hints (in a subprocess: the
-    interpreter's functions cannot be lowered)."""
-    import json
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-m", "segformer_fast.kernels.triton.dwconv_gelu"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
-    print("\nkernel | constexprs | x dtype | arch | warps | regs | spills | smem")
-    for row in rows:
-        print(" | ".join(str(v) for v in row))
-    assert len(rows) == 2 * len({(k, c, t) for k, c, t, *_ in rows})
-    for kernel, ce, ty, arch, nw, regs, spills, smem in rows:
-        assert spills == 0, row
-        assert smem <= 100 * 1024, row

@@ -1,10 +1,7 @@
 """Spatial-reduction attention: Triton kernels (interpreter), torch backend, op checks, no N x M
-allocation, AOT compile for sm_80/sm_90 (cost model: tests/test_cost_models.py; the patched modules: tests/test_parts.py)."""
+allocation (AOT compile: tests/test_kernels_aot.py; cost model: tests/test_cost_models.py; the patched modules: tests/test_parts.py)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -212,41 +209,3 @@ def test_torch_compile_fullgraph(backend, launches):
     torch.testing.assert_close(out, fn(q.detach(), kv.detach()), rtol=1e-5, atol=1e-5)
     print(f"torch.compile({backend}) {time.time() - t:.1f}s")
     assert bool(launches) == (backend == "triton")
-
-
-# ---------------------------------------------------------------- AOT compile
-def _aot_check(kernels, dims, dtypes):
-    """Compile in a subprocess without the interpreter (its @triton.jit objects cannot be
-    lowered); see segformer_fast.kernels.triton.sra_attention.aot_report for the hints."""
-    import json
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-m", "segformer_fast.kernels.triton.sra_attention",
-                        ",".join(kernels), ",".join(map(str, dims)), ",".join(dtypes)],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(kernels) * len(dims) * len(dtypes) * 2
-    print()
-    for row in rows:
-        c = row["config"]
-        print(f"{row['kernel']:5s} d={row['head_dim']:3d} {row['dtype']} sm_{row['arch']} "
-              f"BLOCK_N={c['BLOCK_N']} BLOCK_M={c['BLOCK_M']} warps={c['num_warps']} "
-              f"stages={c['num_stages']}: {row['registers']} regs, {row['spills']} B spilled, "
-              f"{row['shared']} B smem")
-        assert row["spills"] == 0, row
-        assert row["shared"] <= 100 * 1024, row
-
-
-def test_aot_segformer_configs():
-    """Forward and backward kernels, d = 32 (B0) and 64 (B1-B5), fp16 and fp32, sm_80 + sm_90."""
-    _aot_check(("fwd", "dq", "dkdv"), (32, 64), ("float16", "float32"))
-
-
-@pytest.mark.slow
-def test_aot_other_configs():
-    """bf16 and head dim 128: the remaining configurations that can run (~1 min)."""
-    if not os.environ.get("SEGFORMER_FAST_AOT_ALL"):
-        pytest.skip("set SEGFORMER_FAST_AOT_ALL=1 to compile bf16 and d=128 configurations too")
-    _aot_check(("fwd", "dq", "dkdv"), (32, 64), ("bfloat16",))
-    _aot_check(("fwd", "dq", "dkdv"), (128,), ("float16", "bfloat16", "float32"))

@@ -79,12 +79,14 @@ def _probs_and_dp(q, do, lse, K, V, offs_m, M, stride_km, stride_vm, cols, mask_
     LSE (BLOCK_N, BLOCK_M; exactly 0 at padded keys) and dP = dO V^T (BLOCK_N, BLOCK_M).
     q, do (BLOCK_N, BLOCK_D); lse (BLOCK_N,); K, V point at this batch's rows."""
     mask_m = offs_m < M
-    k = _load_rows(K, offs_m, stride_km, mask_m, cols, mask_d, False, UPCAST)
+    # S = q K^T exactly as the forward computes it (K^T loaded transposed, the same dot), so P
+    # over a single key is exactly 1 and dQ exactly 0 there, as in PyTorch
+    kt = _load_rows(K, offs_m, stride_km, mask_m, cols, mask_d, True, UPCAST)
     vt = _load_rows(V, offs_m, stride_vm, mask_m, cols, mask_d, True, UPCAST)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
     dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
-    return k, tl.where(mask_m[None, :], p, 0.0), dp
+    return tl.trans(kt), tl.where(mask_m[None, :], p, 0.0), dp
 
 
 # ----------------------------------------------------------------------------------------------
