@@ -103,7 +103,10 @@ def _fold(p: HeadParts, tokens_per_stage: Sequence[int] | None, dtype):
             stages.append(("f", blk.to(dtype)))
             continue
         C = proj.weight.shape[1]
-        if tokens_per_stage is None or C < tokens_per_stage[i]:
+        tokens = None if tokens_per_stage is None else tokens_per_stage[i]
+        # a symbolic token count (export / dynamic compile) folds: choosing by it would guard the
+        # traced program to one side of C < B*H_i*W_i
+        if tokens is None or not isinstance(tokens, int) or C < tokens:
             stages.append(("w", (blk @ proj.weight.to(blk.dtype)).to(dtype)))
         else:
             stages.append(("seq", proj.weight.to(dtype), blk.to(dtype)))

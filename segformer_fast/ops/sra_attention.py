@@ -161,10 +161,13 @@ def _run_triton(q, k, v, num_heads, scale):
 
 
 def _run_torch(q, k, v, num_heads, scale):
-    if k.shape[1] > 1:
-        return _torch_sdpa(q, k, v, num_heads, scale)
+    M = k.shape[1]
     # M == 1 (tiny inputs): the score "matrix" is N x 1, and SDPA's fused backward gives dq
-    # rounding noise where the exact gradient is 0 (softmax over one key is constant)
+    # rounding noise where the exact gradient is 0 (softmax over one key is constant). A
+    # symbolic M (torch.export / compile with dynamic shapes) takes SDPA: branching on it would
+    # guard the traced program to one side of M > 1.
+    if not isinstance(M, int) or M > 1:
+        return _torch_sdpa(q, k, v, num_heads, scale)
     return reference.sra_attention(q, k, v, num_heads, scale)
 
 
