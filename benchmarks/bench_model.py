@@ -1,5 +1,6 @@
 """Whole-model benchmarks: HF SegFormer unpatched (SDPA attention), torch.compile of it, and
-patched by segformer_fast — forward and forward+backward.
+patched by segformer_fast — forward and forward+backward; on CPU also both exported to ONNX and
+run by ONNX Runtime (``ort_stock`` vs ``ort_patched``: the folded decoder travels with the export).
 
 CPU (here): B0/B1/B2 at 512², batch 1, fp32. CUDA: B0-B5 at 512², 1024², 1024x2048, batch 1 and
 8, fp16/bf16 (skipped without a GPU). Compare rows of one run as ratios; the JSON under
@@ -68,6 +69,56 @@ def run_case(benchmark, smoke, variant, impl, mode, size, batch, device, dtype):
 def test_model_cpu(benchmark, smoke, variant, mode, impl):
     benchmark.group = f"model-cpu-{variant}-{mode}-512"
     run_case(benchmark, smoke, variant, impl, mode, (512, 512), 1, "cpu", torch.float32)
+
+
+def ort_session(variant, impl, size):
+    """An ONNX Runtime session (all graph optimisations, torch's thread count) of the HF model
+    exported with ``torch.onnx.export(dynamo=True)``, patched first for ``ort_patched``."""
+    ort = pytest.importorskip("onnxruntime")
+    key = (variant, impl, size)
+    if key not in _cache:
+        import io
+        import warnings
+
+        model = copy.deepcopy(build(variant, "hf_sdpa", "cpu", torch.float32)).eval()
+        if impl == "ort_patched":
+            segformer_fast.patch(model)
+
+        class Logits(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m(pixel_values=x).logits
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(Logits(model), (torch.randn(1, 3, *size),), dynamo=True,
+                                        verbose=False)
+        buf = io.BytesIO()
+        program.save(buf)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = torch.get_num_threads()
+        _cache[key] = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return _cache[key]
+
+
+@pytest.mark.parametrize("impl", ["ort_stock", "ort_patched"])
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_model_cpu_onnxruntime(benchmark, smoke, variant, impl):
+    benchmark.group = f"model-cpu-{variant}-fwd-512"
+    if smoke and variant != "b0":
+        pytest.skip("smoke run: one ONNX export per implementation keeps CI short")
+    size = (64, 64) if smoke else (512, 512)
+    sess = ort_session(variant, impl, size)
+    feed = {sess.get_inputs()[0].name: torch.randn(1, 3, *size).numpy()}
+    benchmark.extra_info.update(versions(), variant=variant, impl=impl, mode="fwd", size=list(size),
+                                batch=1, dtype=str(torch.float32), device="cpu",
+                                onnxruntime=__import__("onnxruntime").__version__)
+    benchmark.pedantic(lambda: sess.run(None, feed), rounds=1 if smoke else 5,
+                       warmup_rounds=0 if smoke else 1)
 
 
 @pytest.mark.gpu
