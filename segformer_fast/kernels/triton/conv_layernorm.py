@@ -161,10 +161,13 @@ def launch_config(kernel: str, cout: int, k: int, dtype: torch.dtype) -> LaunchC
     GPU: the fp32 accumulator is BLOCK_M x BLOCK_N and lives in registers together with the
     [BLOCK_M, BLOCK_K] implicit-GEMM address/mask tiles (64-bit pointers) and, in the backward,
     the dy / xhat / dz tiles of the LayerNorm backward. Measured with ptxas (``python -m
-    segformer_fast kernels``): about 16 accumulator elements per thread keeps both kernels at
-    <= 180 registers without spills at every Cout of SegFormer; BLOCK_M never drops below 16
-    (the tensor-core minimum). BLOCK_K and stages keep the pipelined A+B tiles under 64 KB of
-    shared memory (Triton buffers num_stages - 1 of them).
+    segformer_fast kernels``): about 16 accumulator elements per thread with 16-bit operands,
+    8 with fp32 operands (CUDA-core IEEE dots: their A/B fragments take twice the registers),
+    keeps both kernels spill-free at every Cout of SegFormer with Triton 3.6 and 3.9. fp32 thus
+    runs the same tiles as 16-bit over 8 warps: over 4 warps, the 32 x 64 fp32 tile of the B1+
+    stem spilled 8 B on sm_90 with Triton 3.9. BLOCK_M never drops below 16 (the tensor-core
+    minimum). BLOCK_K and stages keep the pipelined A+B tiles under 64 KB of shared memory
+    (Triton buffers num_stages - 1 of them).
     """
     if kernel not in ("fwd", "bwd"):
         raise ValueError(f"unknown kernel {kernel!r}")
@@ -172,8 +175,9 @@ def launch_config(kernel: str, cout: int, k: int, dtype: torch.dtype) -> LaunchC
     if interpreting():
         # one config; few, fat programs keep the interpreter (about 0.6 ms per program) fast
         return LaunchConfig(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=1)
-    num_warps = 8 if block_n >= 256 else 4
-    block_m = max(16, min(64, (16 * 32 * num_warps) // block_n))
+    fp32 = dtype == torch.float32
+    num_warps = 8 if (block_n >= 256 or fp32) else 4
+    block_m = max(16, min(64, ((8 if fp32 else 16) * 32 * num_warps) // block_n))
     block_k = 16 if (block_n >= 256 or k <= 16) else 32
     stage_bytes = (block_m + block_n) * block_k * dtype.itemsize
     num_stages = max(2, min(3, 1 + (64 * 1024) // stage_bytes))
