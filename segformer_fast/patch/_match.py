@@ -94,6 +94,19 @@ def stock_forward(m: nn.Module, *args, **kwargs):
     return type(m).forward(m, *args, **kwargs)
 
 
+def checked(unfusable: Callable[[nn.Module], str | None], fused: Callable) -> Callable:
+    """A forward that runs ``fused`` while ``unfusable(self)`` finds nothing, else the stock
+    forward with a one-time warning: for parts read wholesale by weight (the decoder fold),
+    whose projections may change after patching (LoRA added, hooks registered)."""
+    def forward(self, *args, **kwargs):
+        why = unfusable(self)
+        if why is not None:
+            warn_unfused(self, why)
+            return stock_forward(self, *args, **kwargs)
+        return fused(self, *args, **kwargs)
+    return forward
+
+
 def warn_unfused(m: nn.Module, why: str) -> None:
     """Say once per module that it runs its stock forward (a part changed after patching, e.g.
     LoRA added to the decode head's projections): exact, but not fused."""

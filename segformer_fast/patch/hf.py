@@ -21,7 +21,7 @@ from ..nn.attention import spatial_reduction_attention
 from ..nn.decode_head import HeadParts, folded_head, head_unfusable
 from ..nn.mix_ffn import dwconv_act, dwconv_act_unfusable
 from ..nn.patch_embed import conv_layernorm_tokens, conv_layernorm_unfusable
-from ._match import Rule, backend_of, cache_of, class_named, stock_forward, warn_unfused
+from ._match import Rule, backend_of, cache_of, checked, class_named, stock_forward
 from ..nn._parts import hookless
 
 NAME = "huggingface"
@@ -143,10 +143,6 @@ def _prepare(head, states) -> list:
 
 
 def decode_head_forward(self, encoder_hidden_states, **kwargs):
-    why = _head_unfusable(self)
-    if why is not None:
-        warn_unfused(self, why)
-        return stock_forward(self, encoder_hidden_states, **kwargs)
     return folded_head(_prepare(self, encoder_hidden_states), _head_parts(self), cache=cache_of(self),
                        backend=backend_of(self))
 
@@ -159,5 +155,6 @@ RULES = [
     Rule("attention", lambda m: class_named("SegformerAttention")(m) and hasattr(m, "self"),
          legacy_attention_forward),
     Rule("mix_ffn", class_named("SegformerMixMLP", "SegformerMixFFN"), mix_ffn_forward, _mix_ffn_unfusable),
-    Rule("decode_head", class_named("SegformerDecodeHead"), decode_head_forward, _head_unfusable),
+    Rule("decode_head", class_named("SegformerDecodeHead"), checked(_head_unfusable, decode_head_forward),
+         _head_unfusable),
 ]

@@ -25,7 +25,7 @@ from ..nn.attention import spatial_reduction_attention
 from ..nn.decode_head import HeadParts, folded_head, head_unfusable
 from ..nn.mix_ffn import dwconv_act, dwconv_act_unfusable
 from ..nn.patch_embed import conv_layernorm_tokens, conv_layernorm_unfusable
-from ._match import Rule, backend_of, cache_of, stock_forward, warn_unfused
+from ._match import Rule, backend_of, cache_of, checked, stock_forward
 
 NAME = "mmseg"
 
@@ -210,10 +210,6 @@ def head_unfusable_why(head):
 
 
 def head_forward(self, inputs, *args, **kwargs):
-    why = head_unfusable_why(self)
-    if why is not None:
-        warn_unfused(self, why)
-        return stock_forward(self, inputs, *args, **kwargs)
     index = getattr(self, "in_index", None)     # mmseg's _transform_inputs ("multiple_select")
     features = [inputs[i] for i in index] if isinstance(index, (list, tuple)) else list(inputs)
     return folded_head(features, head_parts(self), cache=cache_of(self), backend=backend_of(self))
@@ -223,5 +219,5 @@ RULES = [
     Rule("patch_embed", is_patch_embed, patch_embed_forward, patch_embed_unfusable),
     Rule("attention", is_attention, attention_forward, attention_unfusable),
     Rule("mix_ffn", is_mix_ffn, mix_ffn_forward, mix_ffn_unfusable),
-    Rule("decode_head", is_head, head_forward, head_unfusable_why),
+    Rule("decode_head", is_head, checked(head_unfusable_why, head_forward), head_unfusable_why),
 ]

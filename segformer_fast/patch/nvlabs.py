@@ -18,7 +18,7 @@ from ..nn.attention import spatial_reduction_attention
 from ..nn.decode_head import HeadParts, folded_head, head_unfusable
 from ..nn.mix_ffn import dwconv_act, dwconv_act_unfusable
 from ..nn.patch_embed import conv_layernorm_tokens, conv_layernorm_unfusable
-from ._match import Rule, backend_of, cache_of, has, stock_forward, warn_unfused
+from ._match import Rule, backend_of, cache_of, checked, has, stock_forward
 
 NAME = "nvlabs"
 
@@ -134,10 +134,6 @@ def head_unfusable_why(head):
 
 
 def head_forward(self, features, *args, **kwargs):
-    why = head_unfusable_why(self)
-    if why is not None:
-        warn_unfused(self, why)
-        return stock_forward(self, features, *args, **kwargs)
     return folded_head(list(features), head_parts(self), cache=cache_of(self), backend=backend_of(self))
 
 
@@ -145,5 +141,5 @@ RULES = [
     Rule("patch_embed", is_patch_embed, patch_embed_forward, patch_embed_unfusable),
     Rule("attention", is_attention, attention_forward, attention_unfusable),
     Rule("mix_ffn", is_mix_ffn, mix_ffn_forward, mix_ffn_unfusable),
-    Rule("decode_head", is_head, head_forward, head_unfusable_why),
+    Rule("decode_head", is_head, checked(head_unfusable_why, head_forward), head_unfusable_why),
 ]

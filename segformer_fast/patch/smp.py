@@ -20,7 +20,7 @@ from ..nn._parts import hookless, vouch
 from ..nn.decode_head import HeadParts, folded_head, head_unfusable
 from ..nn.patch_embed import conv_layernorm_tokens
 from . import nvlabs
-from ._match import Rule, backend_of, cache_of, stock_forward, warn_unfused
+from ._match import Rule, backend_of, cache_of, checked
 
 NAME = "segmentation_models_pytorch"
 
@@ -60,10 +60,6 @@ def decoder_unfusable(dec):
 
 
 def decoder_forward(self, features):
-    why = decoder_unfusable(self)
-    if why is not None:
-        warn_unfused(self, why)
-        return stock_forward(self, features)
     size = (features[0].shape[2] // 4, features[0].shape[3] // 4)
     stages = features[2:] if features[1].shape[1] == 0 else features[1:]   # smp's placeholder
     return folded_head(list(stages), decoder_parts(self), cache=cache_of(self), size=size,
@@ -74,5 +70,5 @@ RULES = [
     Rule("patch_embed", nvlabs.is_patch_embed, patch_embed_forward, nvlabs.patch_embed_unfusable),
     Rule("attention", nvlabs.is_attention, nvlabs.attention_forward, nvlabs.attention_unfusable),
     Rule("mix_ffn", nvlabs.is_mix_ffn, nvlabs.mix_ffn_forward, nvlabs.mix_ffn_unfusable),
-    Rule("decode_head", is_decoder, decoder_forward, decoder_unfusable),
+    Rule("decode_head", is_decoder, checked(decoder_unfusable, decoder_forward), decoder_unfusable),
 ]
