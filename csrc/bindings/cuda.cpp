@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "cuda/sra_attention.h"
+#include "cuda/conv_layernorm.h"
 
 #if defined(SF_CUDA_EMULATE)
 #include "cuda/emu/selftest.h"
@@ -131,6 +132,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(const at::Tenso
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------- conv + LayerNorm
+namespace {
+
+// x (B, Cin, H, W) any strides, w_km (Cout, K) contiguous with k = (kh, kw, cin), optional (Cout,)
+// vectors, all on this build's device in one dtype -> the kernels' parameters (out/dy/part unset)
+sf_cuda::ConvLnParams conv_ln_params(const at::Tensor& x, const at::Tensor& w_km, int64_t kh, int64_t kw,
+                                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gamma,
+                                     const c10::optional<at::Tensor>& beta, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, double eps) {
+  TORCH_CHECK(on_device(x) && x.dim() == 4, "conv_layernorm (cuda): x must be 4D on ", kDevice, ", got ",
+              x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "conv_layernorm (cuda): expected float32, float16 or bfloat16, got ", x.scalar_type());
+  const int64_t Cout = w_km.size(0), Cin = x.size(1);
+  TORCH_CHECK(w_km.dim() == 2 && w_km.is_contiguous() && w_km.size(1) == kh * kw * Cin &&
+                  w_km.scalar_type() == x.scalar_type() && w_km.device() == x.device(),
+              "conv_layernorm (cuda): w_km must be contiguous (Cout, kh*kw*Cin) = (", Cout, ", ", kh * kw * Cin,
+              ") in x's dtype on x's device, got ", w_km.sizes());
+  TORCH_CHECK(Cout >= 1 && Cout <= 512, "conv_layernorm (cuda): Cout = ", Cout, " not in [1, 512]");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0, "conv_layernorm (cuda): bad stride/padding");
+  const int64_t Ho = (x.size(2) + 2 * padding[0] - kh) / stride[0] + 1;
+  const int64_t Wo = (x.size(3) + 2 * padding[1] - kw) / stride[1] + 1;
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "conv_layernorm (cuda): empty output ", Ho, " x ", Wo);
+  TORCH_CHECK(x.size(0) <= 65535, "conv_layernorm (cuda): batch ", x.size(0), " exceeds the grid limit 65535");
+  TORCH_CHECK(x.size(0) * Ho * Wo * Cout < (int64_t(1) << 31) && Ho * Wo < (int64_t(1) << 30),
+              "conv_layernorm (cuda): outputs of 2^31 or more elements are not supported");
+  const c10::optional<at::Tensor>* vecs[3] = {&bias, &gamma, &beta};
+  for (const auto* v : vecs)
+    if (v->has_value())
+      TORCH_CHECK((*v)->is_contiguous() && (*v)->numel() == Cout && (*v)->scalar_type() == x.scalar_type() &&
+                      (*v)->device() == x.device(),
+                  "conv_layernorm (cuda): bias/norm vectors must be contiguous (", Cout, ",) in x's dtype");
+  sf_cuda::ConvLnParams p{};
+  p.x = x.data_ptr();
+  p.w = w_km.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.gamma = gamma.has_value() ? gamma->data_ptr() : nullptr;
+  p.beta = beta.has_value() ? beta->data_ptr() : nullptr;
+  p.sxb = x.stride(0); p.sxc = x.stride(1); p.sxh = x.stride(2); p.sxw = x.stride(3);
+  p.B = int(x.size(0)); p.Cin = int(Cin); p.H = int(x.size(2)); p.W = int(x.size(3));
+  p.Ho = int(Ho); p.Wo = int(Wo); p.Cout = int(Cout); p.KH = int(kh); p.KW = int(kw);
+  p.stride_h = int(stride[0]); p.stride_w = int(stride[1]); p.pad_h = int(padding[0]); p.pad_w = int(padding[1]);
+  p.eps = float(eps);
+  return p;
+}
+
+void conv_ln_check(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "conv_layernorm (cuda): ", what, " failed: ", cudaGetErrorString(e));
+}
+
+}  // namespace
+
+// x (B, Cin, H, W), w_km (Cout, kh*kw*Cin) -> tokens (B, Ho*Wo, Cout) contiguous, in x's dtype
+at::Tensor conv_layernorm_fwd(const at::Tensor& x, const at::Tensor& w_km, int64_t kh, int64_t kw,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gamma,
+                              const c10::optional<at::Tensor>& beta, at::IntArrayRef stride, at::IntArrayRef padding,
+                              double eps) {
+  Guard guard(x);
+  sf_cuda::ConvLnParams p = conv_ln_params(x, w_km, kh, kw, bias, gamma, beta, stride, padding, eps);
+  at::Tensor out = at::empty({x.size(0), int64_t(p.Ho) * p.Wo, p.Cout}, x.options());
+  p.out = out.data_ptr();
+  conv_ln_check(sf_cuda::conv_layernorm_fwd(dtype_of(x), p, stream_of(x)), "forward launch");
+  return out;
+}
+
+// dy (B, Ho*Wo, Cout) -> dz (B, Ho*Wo, Cout) in x's dtype, dvec (3, Cout) fp32 = [dbias, dgamma, dbeta]
+std::tuple<at::Tensor, at::Tensor> conv_layernorm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w_km,
+                                                      int64_t kh, int64_t kw, const c10::optional<at::Tensor>& bias,
+                                                      const c10::optional<at::Tensor>& gamma, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, double eps) {
+  Guard guard(x);
+  sf_cuda::ConvLnParams p = conv_ln_params(x, w_km, kh, kw, bias, gamma, c10::nullopt, stride, padding, eps);
+  TORCH_CHECK(dy.is_contiguous() && dy.scalar_type() == x.scalar_type() && dy.device() == x.device() &&
+                  dy.dim() == 3 && dy.size(0) == p.B && dy.size(1) == int64_t(p.Ho) * p.Wo && dy.size(2) == p.Cout,
+              "conv_layernorm (cuda): dy must be contiguous (", p.B, ", ", int64_t(p.Ho) * p.Wo, ", ", p.Cout,
+              ") in x's dtype, got ", dy.sizes());
+  const sf_cuda::DType dt = dtype_of(x);
+  at::Tensor dz = at::empty(dy.sizes(), x.options());
+  at::Tensor part = at::empty({sf_cuda::conv_layernorm_blocks(dt, p.B, p.Ho, p.Wo, p.Cout), 3, p.Cout},
+                              x.options().dtype(at::kFloat));
+  at::Tensor dvec = at::empty({3, p.Cout}, x.options().dtype(at::kFloat));
+  p.dy = dy.data_ptr();
+  p.out = dz.data_ptr();
+  p.part = part.data_ptr<float>();
+  conv_ln_check(sf_cuda::conv_layernorm_bwd(dt, p, dvec.data_ptr<float>(), stream_of(x)), "backward launch");
+  return {dz, dvec};
+}
+
 #if defined(SF_CUDA_EMULATE)
 void emu_configure(const std::string& order, int64_t seed, int64_t workers, int64_t arch) {
   sf_emu::Options o;
@@ -156,6 +246,8 @@ void emu_selftest(const std::string& name, const at::Tensor& in, at::Tensor out,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sra_attention_fwd", &sra_attention_fwd, "spatial-reduction attention forward -> (O, LSE)");
   m.def("sra_attention_bwd", &sra_attention_bwd, "spatial-reduction attention backward -> (dQ, dK, dV)");
+  m.def("conv_layernorm_fwd", &conv_layernorm_fwd, "conv + LayerNorm forward -> tokens");
+  m.def("conv_layernorm_bwd", &conv_layernorm_bwd, "conv + LayerNorm backward -> (dz, [dbias, dgamma, dbeta])");
 #if defined(SF_CUDA_EMULATE)
   m.def("emu_configure", &emu_configure, "CUDA emulation: block order, seed, worker threads, arch",
         pybind11::arg("order") = "sequential", pybind11::arg("seed") = 0, pybind11::arg("workers") = 1,

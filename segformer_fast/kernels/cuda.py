@@ -20,7 +20,7 @@ import torch
 
 EMULATE_ENV = "SEGFORMER_FAST_CUDA_EMULATE"
 
-GPU_SOURCES = ("bindings/cuda.cpp", "cuda/sra_attention.cu")
+GPU_SOURCES = ("bindings/cuda.cpp", "cuda/sra_attention.cu", "cuda/conv_layernorm.cu")
 # .cpp translation units only: a CPU-only torch refuses .cu sources (kernels.cpp includes them)
 EMU_SOURCES = ("bindings/cuda.cpp", "cuda/emu/runtime.cpp", "cuda/emu/kernels.cpp")
 GPU_CFLAGS = ("-O3",)
@@ -101,3 +101,33 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     Deterministic: dK/dV are fp32 partial sums per query chunk, added in a fixed order."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     return tuple(native(q.device).sra_attention_bwd(do, q, k, v, lse, num_heads, float(scale)))
+
+
+def conv_weight_km(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, kh, kw) -> (Cout, K) with k = (kh, kw, cin), K contiguous: the reduction order of
+    the implicit GEMM (a one-off permute of a tensor far smaller than the activations)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+def conv_layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias, gamma, beta, stride, padding,
+                       eps: float) -> torch.Tensor:
+    """x (B, Cin, H, W) with any strides (NCHW image, or the channels-last view of tokens), weight
+    (Cout, Cin, kh, kw), bias/gamma/beta (Cout,) or None, Cout <= 512 -> tokens (B, Ho*Wo, Cout)."""
+    kh, kw = weight.shape[-2:]
+    if x.shape[0] == 0:      # an empty grid is not a launch
+        H, W = x.shape[-2:]
+        Ho, Wo = (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
+        return x.new_empty((0, Ho * Wo, weight.shape[0]))
+    return native(x.device).conv_layernorm_fwd(x, conv_weight_km(weight), kh, kw, bias, gamma, beta,
+                                               list(stride), list(padding), float(eps))
+
+
+def conv_layernorm_bwd_dz(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias, gamma, stride,
+                          padding, eps: float):
+    """d(conv output) dz as tokens (B, Ho*Wo, Cout) in x's dtype, and fp32 (3, Cout) = [dbias, dgamma,
+    dbeta]: per-block partial sums added in a fixed order (deterministic)."""
+    kh, kw = weight.shape[-2:]
+    if x.shape[0] == 0:
+        return torch.empty_like(dy, dtype=x.dtype), x.new_zeros((3, weight.shape[0]), dtype=torch.float32)
+    return tuple(native(x.device).conv_layernorm_bwd(dy.contiguous(), x, conv_weight_km(weight), kh, kw, bias,
+                                                     gamma, list(stride), list(padding), float(eps)))

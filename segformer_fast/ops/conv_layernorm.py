@@ -7,6 +7,9 @@ x is an image (B, Cin, H, W) or tokens (B, N, Cin) with ``hw=(H, W)``; returns
 - ``triton``: one implicit-GEMM kernel with the LayerNorm in its epilogue (forward) and one that
   recomputes the conv tile and applies the LayerNorm backward (writing d(conv output) and the
   dgamma/dbeta/dbias partials); d(input) and d(weight) are ``aten.convolution_backward``.
+- ``cuda``: the CUDA C++ twin of the triton pair (csrc/cuda/conv_layernorm.cu, Cout <= 512): nvcc
+  build on CUDA tensors; on CPU tensors the CUDA emulation, when ``SEGFORMER_FAST_CUDA_EMULATE=1``
+  and ``cuda`` is named. Same backward split (d(input)/d(weight) through ``convolution_backward``).
 - ``torch``: conv2d on the channels-last view of the tokens (no transpose copy), layer_norm on the
   token view of a channels-last conv output (no copy either).
 - ``reference``: ``segformer_fast.reference.conv_layernorm``.
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as _reference
-from ..backends import Impl, register, triton_impl
+from ..backends import GPU_FLOATS, Impl, Inputs, register, triton_impl
 from ._common import autocast_policy, choose, needs_grad, register_autocast, size_pair
 
 __all__ = ["conv_layernorm"]
@@ -111,7 +114,7 @@ def _cl_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor 
 
 
 @_cl_fwd.register_fake
-def _(x, weight, bias, norm_weight, norm_bias, stride, padding, eps):
+def _fwd_fake(x, weight, bias, norm_weight, norm_bias, stride, padding, eps):
     Ho, Wo = _out_hw(x, weight, stride, padding)
     return x.new_empty((x.shape[0], Ho * Wo, weight.shape[0]))
 
@@ -124,6 +127,14 @@ def _cl_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, norm_wei
     k = _kernels()
     dz, dgamma, dbeta, dbias = k.conv_layernorm_bwd_dz(dy, x, weight, bias, norm_weight, tuple(stride),
                                                        tuple(padding), eps)
+    dx, dw = _input_weight_grads(dz, x, weight, stride, padding, need_input, need_weight)
+    return dx, dw, torch.stack((dbias, dgamma, dbeta)).to(x.dtype)
+
+
+def _input_weight_grads(dz: Tensor, x: Tensor, weight: Tensor, stride, padding, need_input: bool,
+                        need_weight: bool) -> tuple[Tensor, Tensor]:
+    """d(input) and d(weight) from d(conv output) ``dz`` (B, H'W', Cout) tokens (empty tensors for
+    those not needed): the tail shared by the triton and cuda backwards."""
     B, Cout = x.shape[0], weight.shape[0]
     Ho, Wo = _out_hw(x, weight, stride, padding)
     dx = dw = None
@@ -137,7 +148,7 @@ def _cl_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, norm_wei
             [need_input, need_weight, False])
     dx = dx.contiguous(memory_format=_same_format(x)) if dx is not None else x.new_empty(0)
     dw = dw if dw is not None else weight.new_empty(0)
-    return dx, dw, torch.stack((dbias, dgamma, dbeta)).to(x.dtype)
+    return dx, dw
 
 
 def _same_format(x: Tensor):
@@ -147,7 +158,7 @@ def _same_format(x: Tensor):
 
 
 @_cl_bwd.register_fake
-def _(dy, x, weight, bias, norm_weight, stride, padding, eps, need_input, need_weight):
+def _bwd_fake(dy, x, weight, bias, norm_weight, stride, padding, eps, need_input, need_weight):
     Cout = weight.shape[0]
     dx = torch.empty_like(x, memory_format=_same_format(x)) if need_input else x.new_empty(0)
     dw = torch.empty_like(weight) if need_weight else weight.new_empty(0)
@@ -161,22 +172,54 @@ def _setup_context(ctx, inputs, output):
     ctx.conf = (tuple(stride), tuple(padding), eps)
 
 
-def _backward(ctx, dy):
-    x, weight, bias, norm_weight = ctx.saved_tensors
-    stride, padding, eps = ctx.conf
-    need = ctx.needs_input_grad
-    dx, dw, dvec = _cl_bwd(dy, x, weight, bias, norm_weight, stride, padding, eps,
-                           bool(need[0]), bool(need[1]))
-    dbias, dgamma, dbeta = dvec.unbind(0)
-    has_b, has_g, has_be = ctx.has
-    return (dx if need[0] else None, dw if need[1] else None,
-            dbias if (has_b and need[2]) else None, dgamma if (has_g and need[3]) else None,
-            dbeta if (has_be and need[4]) else None, None, None, None)
+def _backward_with(bwd_op):
+    """The autograd backward of a forward op whose backward op is ``bwd_op`` (triton or cuda)."""
+    def backward(ctx, dy):
+        x, weight, bias, norm_weight = ctx.saved_tensors
+        stride, padding, eps = ctx.conf
+        need = ctx.needs_input_grad
+        dx, dw, dvec = bwd_op(dy, x, weight, bias, norm_weight, stride, padding, eps,
+                              bool(need[0]), bool(need[1]))
+        dbias, dgamma, dbeta = dvec.unbind(0)
+        has_b, has_g, has_be = ctx.has
+        return (dx if need[0] else None, dw if need[1] else None,
+                dbias if (has_b and need[2]) else None, dgamma if (has_g and need[3]) else None,
+                dbeta if (has_be and need[4]) else None, None, None, None)
+    return backward
 
 
-_cl_fwd.register_autograd(_backward, setup_context=_setup_context)
+_cl_fwd.register_autograd(_backward_with(_cl_bwd), setup_context=_setup_context)
 register_autocast(_cl_fwd, "lower")
 register_autocast(_cl_bwd, "keep")
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda: the CUDA C++ twin (csrc/cuda/conv_layernorm.cu), own op names so that traced graphs say
+# which kernels they call; the same fakes, autograd and autocast policy as the triton pair.
+
+@torch.library.custom_op("segformer_fast::cuda_conv_layernorm", mutates_args=())
+def _cuda_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
+              norm_bias: Tensor | None, stride: Sequence[int], padding: Sequence[int], eps: float) -> Tensor:
+    from ..kernels.cuda import conv_layernorm_fwd
+    return conv_layernorm_fwd(x, weight, bias, norm_weight, norm_bias, tuple(stride), tuple(padding), eps)
+
+
+@torch.library.custom_op("segformer_fast::cuda_conv_layernorm_backward", mutates_args=())
+def _cuda_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
+              stride: Sequence[int], padding: Sequence[int], eps: float,
+              need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx or empty, dweight or empty, (3, Cout) stacked [dbias, dgamma, dbeta])."""
+    from ..kernels.cuda import conv_layernorm_bwd_dz
+    dz, dvec = conv_layernorm_bwd_dz(dy, x, weight, bias, norm_weight, tuple(stride), tuple(padding), eps)
+    dx, dw = _input_weight_grads(dz, x, weight, stride, padding, need_input, need_weight)
+    return dx, dw, dvec.to(x.dtype)
+
+
+_cuda_fwd.register_fake(_fwd_fake)
+_cuda_bwd.register_fake(_bwd_fake)
+_cuda_fwd.register_autograd(_backward_with(_cuda_bwd), setup_context=_setup_context)
+register_autocast(_cuda_fwd, "lower")
+register_autocast(_cuda_bwd, "keep")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +245,32 @@ def _run_reference(x4, weight, bias, norm_weight, norm_bias, stride, padding, ep
     return _reference.conv_layernorm(x4, weight, bias, norm_weight, norm_bias, stride, padding, eps)[0]
 
 
+def _run_cuda(x4, weight, bias, norm_weight, norm_bias, stride, padding, eps):
+    return _cuda_fwd(x4, weight, bias, norm_weight, norm_bias, list(stride), list(padding), eps)
+
+
+_CUDA_MAX_COUT = 512     # a block owns whole rows of Cout (SegFormer's widest stage: 512)
+
+
+def _cuda_limits(inputs: Inputs) -> list[str]:
+    why = []
+    cout = inputs.facts.get("cout")
+    if cout is not None and cout > _CUDA_MAX_COUT:
+        why.append(f"Cout {cout} > {_CUDA_MAX_COUT} (a block owns whole rows of Cout)")
+    if inputs.device.type == "cpu" and inputs.requested == "auto":
+        why.append("the CUDA emulation is a correctness tool: CPU tensors run it only when 'cuda' is "
+                   "asked for by name")
+    elif not why and inputs.dtype in GPU_FLOATS:
+        from ..kernels.cuda import build_problem
+        problem = build_problem(inputs.device.type)
+        if problem:
+            why.append(problem)
+    return why
+
+
 IMPLS = register("conv_layernorm", [
     triton_impl(_run_triton),
+    Impl("cuda", _run_cuda, devices=("cuda", "cpu"), dtypes=GPU_FLOATS, limits=_cuda_limits),
     Impl("torch", _torch_path, onnx=True),
     Impl("reference", _run_reference, onnx=True),
 ])
@@ -225,6 +292,6 @@ def conv_layernorm(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: 
     """
     x4, stride, padding = _check(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, hw)
     impl = choose("conv_layernorm", x.device, x.dtype,
-                  needs_grad(x, weight, bias, norm_weight, norm_bias), backend)
+                  needs_grad(x, weight, bias, norm_weight, norm_bias), backend, cout=weight.shape[0])
     out = impl.run(x4, weight, bias, norm_weight, norm_bias, stride, padding, float(eps))
     return out, _out_hw(x4, weight, stride, padding)

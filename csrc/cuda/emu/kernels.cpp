@@ -1,4 +1,5 @@
 // The emulated build's kernel translation unit: a CPU-only torch cannot compile .cu files, so the
 // CUDA sources are compiled here as C++ (csrc/cuda/portable.cuh maps them onto csrc/cuda/emu).
 #include "cuda/sra_attention.cu"
+#include "cuda/conv_layernorm.cu"
 #include "cuda/emu/selftest.cu"
