@@ -49,11 +49,12 @@ def test_triton_on_cpu_without_interpreter_names_every_implementation(monkeypatc
         assert f"\n  {name}: can run it" in msg
 
 
-def test_unknown_and_missing_backends():
+def test_unknown_and_missing_backends(monkeypatch):
     x = torch.randn(1, 4, 8)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         sra_attention(x, x, x, 2, backend="nope")
-    with pytest.raises(BackendUnavailable, match="cuda: no implementation of dwconv_gelu"):
+    monkeypatch.delenv("SEGFORMER_FAST_CUDA_EMULATE", raising=False)
+    with pytest.raises(BackendUnavailable, match="cuda: CPU tensors need SEGFORMER_FAST_CUDA_EMULATE=1"):
         dwconv_gelu(torch.randn(1, 6, 8), (2, 3), torch.randn(8, 1, 3, 3), None, backend="cuda")
 
 
@@ -67,9 +68,9 @@ def test_auto_priority_and_query():
         assert which(op, "cuda", torch.float64, backend="auto").name == "torch"
         assert which(op, "meta", torch.float32, backend="auto").name == "torch"
         # every op declares the same names, cpu included (a native kernel or the torch alias);
-        # cuda only where an op has CUDA C++ kernels (sra_attention so far)
+        # and cuda: every op has CUDA C++ kernels (the emulation on CPU tensors only when named)
         assert tuple(n for n in on_cpu.reasons if n != "cuda") == IMPL_NAMES
-        assert ("cuda" in on_cpu.reasons) == (op == "sra_attention")
+        assert "correctness tool" in on_cpu.reasons["cuda"][0]
         assert str(on_cpu).startswith(f"{op}: torch")
     bad = which("upsample_sum", "cuda", torch.float16, backend="cpu")
     assert bad.name is None and "cpu: needs cpu tensors, got cuda" in bad.error

@@ -11,6 +11,8 @@
 
 #include "cuda/sra_attention.h"
 #include "cuda/conv_layernorm.h"
+#include "cuda/dwconv_gelu.h"
+#include "cuda/upsample_sum.h"
 
 #if defined(SF_CUDA_EMULATE)
 #include "cuda/emu/selftest.h"
@@ -221,6 +223,199 @@ std::tuple<at::Tensor, at::Tensor> conv_layernorm_bwd(const at::Tensor& dy, cons
   return {dz, dvec};
 }
 
+// ---------------------------------------------------------------------------- dwconv 3x3 + GELU
+namespace {
+
+bool is_gpu_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// x (B, H*W, C) contiguous tokens on this build's device, w (C, 1, 3, 3) and bias (C,) contiguous in
+// x's dtype on x's device -> the kernels' parameters (dy/out unset)
+sf_cuda::DwconvParams dwconv_params(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& w,
+                                    const c10::optional<at::Tensor>& bias, bool tanh) {
+  TORCH_CHECK(on_device(x) && x.dim() == 3 && x.is_contiguous() && is_gpu_float(x),
+              "dwconv_gelu (cuda): x must be contiguous float32/float16/bfloat16 (B, H*W, C) tokens on ", kDevice,
+              ", got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const int64_t C = x.size(2);
+  TORCH_CHECK(H >= 1 && W >= 1 && H * W == x.size(1) && C >= 1, "dwconv_gelu (cuda): hw = (", H, ", ", W,
+              ") does not match x ", x.sizes());
+  TORCH_CHECK(w.is_contiguous() && w.numel() == 9 * C && w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+              "dwconv_gelu (cuda): weight must be contiguous (", C, ", 1, 3, 3) in x's dtype on x's device");
+  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == C &&
+                                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device()),
+              "dwconv_gelu (cuda): bias must be contiguous (", C, ",) in x's dtype on x's device");
+  TORCH_CHECK(x.size(0) <= 65535 && x.numel() < (int64_t(1) << 31),
+              "dwconv_gelu (cuda): batch > 65535 or 2^31 or more elements are not supported");
+  sf_cuda::DwconvParams p{};
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.B = int(x.size(0)); p.H = int(H); p.W = int(W); p.C = int(C);
+  p.tanh = tanh;
+  return p;
+}
+
+void launch_check(cudaError_t e, const char* op, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, op, " (cuda): ", what, " failed: ", cudaGetErrorString(e));
+}
+
+}  // namespace
+
+// x (B, H*W, C) -> y (B, H*W, C) = gelu(dwconv3x3(x) + bias), in x's dtype
+at::Tensor dwconv_gelu_fwd(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& w,
+                           const c10::optional<at::Tensor>& bias, bool tanh) {
+  Guard guard(x);
+  sf_cuda::DwconvParams p = dwconv_params(x, H, W, w, bias, tanh);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  p.out = y.data_ptr();
+  launch_check(sf_cuda::dwconv_gelu_fwd(dtype_of(x), p, stream_of(x)), "dwconv_gelu", "forward launch");
+  return y;
+}
+
+// dy, x (B, H*W, C) -> dx (B, H*W, C) in x's dtype, dw (C, 9) and db (C,) fp32. `rows`: backward blocks
+// along the tiles (0: the launcher's default; tests force fewer to exercise the tile loop)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_gelu_bwd(const at::Tensor& dy, const at::Tensor& x, int64_t H,
+                                                               int64_t W, const at::Tensor& w,
+                                                               const c10::optional<at::Tensor>& bias, bool tanh,
+                                                               int64_t rows) {
+  Guard guard(x);
+  sf_cuda::DwconvParams p = dwconv_params(x, H, W, w, bias, tanh);
+  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
+                  dy.device() == x.device(),
+              "dwconv_gelu (cuda): dy must be contiguous ", x.sizes(), " in x's dtype, got ", dy.sizes());
+  const int64_t dflt = sf_cuda::dwconv_gelu_partial_rows(p.B, p.H, p.W);
+  rows = rows > 0 ? std::min(rows, dflt) : dflt;
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor part = at::empty({rows, 10, p.C}, x.options().dtype(at::kFloat));
+  at::Tensor dw = at::empty({p.C, 9}, x.options().dtype(at::kFloat));
+  at::Tensor db = at::empty({p.C}, x.options().dtype(at::kFloat));
+  p.dy = dy.data_ptr();
+  p.out = dx.data_ptr();
+  launch_check(sf_cuda::dwconv_gelu_bwd(dtype_of(x), p, part.data_ptr<float>(), int(rows), dw.data_ptr<float>(),
+                                        db.data_ptr<float>(), stream_of(x)),
+               "dwconv_gelu", "backward launch");
+  return {dx, dw, db};
+}
+
+// ---------------------------------------------------------------------------- upsample + sum
+namespace {
+
+// maps[k] (B, h_k*w_k, D) contiguous, one dtype, on this build's device; hws = (h_0, w_0, h_1, ...);
+// bias/scale/shift (D,) in any float dtype: converted to fp32 (kept alive in `keep`)
+sf_cuda::UpsampleParams upsample_params(const std::vector<at::Tensor>& maps, const std::vector<int64_t>& hws,
+                                        int64_t H, int64_t W, const c10::optional<at::Tensor>& bias,
+                                        const c10::optional<at::Tensor>& scale,
+                                        const c10::optional<at::Tensor>& shift, bool relu,
+                                        std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(!maps.empty() && maps.size() <= sf_cuda::kUpsampleMaxMaps && hws.size() == 2 * maps.size(),
+              "upsample_sum (cuda): 1 to ", sf_cuda::kUpsampleMaxMaps, " maps with one (h, w) each, got ",
+              maps.size(), " maps and ", hws.size(), " sizes");
+  const at::Tensor& m0 = maps[0];
+  TORCH_CHECK(m0.dim() == 3 && is_gpu_float(m0) && on_device(m0),
+              "upsample_sum (cuda): maps must be float32/float16/bfloat16 (B, h*w, D) tokens on ", kDevice);
+  TORCH_CHECK(H >= 1 && W >= 1 && m0.size(0) <= 65535 && m0.size(0) * H * W * m0.size(2) < (int64_t(1) << 31),
+              "upsample_sum (cuda): bad output size or 2^31 or more elements");
+  sf_cuda::UpsampleParams p{};
+  p.n_maps = int(maps.size());
+  for (size_t k = 0; k < maps.size(); ++k) {
+    const at::Tensor& m = maps[k];
+    TORCH_CHECK(m.is_contiguous() && m.dim() == 3 && m.scalar_type() == m0.scalar_type() &&
+                    m.device() == m0.device() && m.size(0) == m0.size(0) && m.size(2) == m0.size(2) &&
+                    hws[2 * k] >= 1 && hws[2 * k + 1] >= 1 && m.size(1) == hws[2 * k] * hws[2 * k + 1],
+                "upsample_sum (cuda): maps[", k, "] must be contiguous (", m0.size(0), ", ", hws[2 * k], "*",
+                hws[2 * k + 1], ", ", m0.size(2), ") like maps[0], got ", m.sizes());
+    p.maps[k] = m.data_ptr();
+    p.h[k] = int(hws[2 * k]);
+    p.w[k] = int(hws[2 * k + 1]);
+  }
+  const int64_t D = m0.size(2);
+  const float* vec[3] = {nullptr, nullptr, nullptr};
+  const c10::optional<at::Tensor>* given[3] = {&bias, &scale, &shift};
+  for (int i = 0; i < 3; ++i) {
+    if (!given[i]->has_value()) continue;
+    const at::Tensor& t = given[i]->value();
+    TORCH_CHECK(t.numel() == D && t.is_floating_point() && t.device() == m0.device(),
+                "upsample_sum (cuda): bias/scale/shift must be (", D, ",) on the maps' device");
+    keep.push_back(t.to(at::kFloat).contiguous());
+    vec[i] = keep.back().data_ptr<float>();
+  }
+  p.bias = vec[0]; p.scale = vec[1]; p.shift = vec[2];
+  p.B = int(m0.size(0)); p.H = int(H); p.W = int(W); p.D = int(D);
+  p.relu = relu;
+  return p;
+}
+
+}  // namespace
+
+// maps -> tokens (B, H*W, D) in the maps' dtype: relu((sum_k up(map_k) + bias) * scale + shift)
+at::Tensor upsample_sum_fwd(const std::vector<at::Tensor>& maps, const std::vector<int64_t>& hws, int64_t H,
+                            int64_t W, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& shift, bool relu) {
+  TORCH_CHECK(!maps.empty(), "upsample_sum (cuda): no maps");
+  Guard guard(maps[0]);
+  std::vector<at::Tensor> keep;
+  sf_cuda::UpsampleParams p = upsample_params(maps, hws, H, W, bias, scale, shift, relu, keep);
+  at::Tensor out = at::empty({p.B, H * W, p.D}, maps[0].options());
+  p.out = out.data_ptr();
+  launch_check(sf_cuda::upsample_sum_fwd(dtype_of(maps[0]), p, stream_of(maps[0])), "upsample_sum", "forward launch");
+  return out;
+}
+
+// grad (B, H*W, D) -> dz (B, H*W, D) fp32 = d out / d(sum of maps), and fp32 (D,) dbias, dscale, dshift
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_sum_epilogue_bwd(
+    const at::Tensor& grad, const std::vector<at::Tensor>& maps, const std::vector<int64_t>& hws, int64_t H, int64_t W,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, bool relu) {
+  TORCH_CHECK(!maps.empty(), "upsample_sum (cuda): no maps");
+  Guard guard(maps[0]);
+  std::vector<at::Tensor> keep;
+  sf_cuda::UpsampleParams p = upsample_params(maps, hws, H, W, bias, scale, shift, relu, keep);
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == maps[0].scalar_type() && grad.device() == maps[0].device() &&
+                  grad.dim() == 3 && grad.size(0) == p.B && grad.size(1) == H * W && grad.size(2) == p.D,
+              "upsample_sum (cuda): grad must be contiguous (", p.B, ", ", H * W, ", ", p.D, ") in the maps' dtype, got ",
+              grad.sizes());
+  const sf_cuda::DType dt = dtype_of(maps[0]);
+  at::Tensor dz = at::empty(grad.sizes(), grad.options().dtype(at::kFloat));
+  at::Tensor part = at::empty({sf_cuda::upsample_sum_partial_rows(dt, p), 3, p.D}, dz.options());
+  at::Tensor dvec = at::empty({3, p.D}, dz.options());
+  p.grad = grad.data_ptr();
+  p.out = dz.data_ptr();
+  launch_check(sf_cuda::upsample_sum_epilogue_bwd(dt, p, part.data_ptr<float>(), dvec.data_ptr<float>(),
+                                                  stream_of(grad)),
+               "upsample_sum", "epilogue backward launch");
+  return {dz, dvec[0].clone(), dvec[1].clone(), dvec[2].clone()};  // outputs must not alias
+}
+
+// dz (B, H*W, D) (fp32 or a map's dtype) -> the gradient (B, h*w, D) in `dtype` of a map (h, w) upsampled
+// to (H, W): the adjoint along W (to (B, H, w, D), fp32 unless it is the last pass), then along H
+at::Tensor upsample_adjoint(const at::Tensor& dz, int64_t h, int64_t w, int64_t H, int64_t W, at::ScalarType dtype) {
+  Guard guard(dz);
+  TORCH_CHECK(on_device(dz) && dz.is_contiguous() && dz.dim() == 3 && is_gpu_float(dz) && dz.size(1) == H * W &&
+                  h >= 1 && w >= 1 && dz.size(0) <= 65535 && dz.numel() < (int64_t(1) << 31),
+              "upsample_sum (cuda): dz must be contiguous float (B, ", H, "*", W, ", D) on ", kDevice, ", got ",
+              dz.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "upsample_sum (cuda): gradient dtype must be float32, float16 or bfloat16, got ", dtype);
+  const int64_t B = dz.size(0), D = dz.size(2);
+  at::Tensor t = dz;
+  if (w != W) {
+    at::Tensor next = at::empty({B, H * w, D}, dz.options().dtype(h != H ? at::kFloat : dtype));
+    launch_check(sf_cuda::upsample_adjoint_1d(dtype_of(t), dtype_of(next), t.data_ptr(), next.data_ptr(), int(B),
+                                              int(H), int(W), int(w), int(D), stream_of(dz)),
+                 "upsample_sum", "adjoint launch (W)");
+    t = next;
+  }
+  if (h != H) {
+    at::Tensor next = at::empty({B, h * w, D}, dz.options().dtype(dtype));
+    launch_check(sf_cuda::upsample_adjoint_1d(dtype_of(t), dtype_of(next), t.data_ptr(), next.data_ptr(), int(B), 1,
+                                              int(H), int(h), int(w * D), stream_of(dz)),
+                 "upsample_sum", "adjoint launch (H)");
+    t = next;
+  }
+  return t.to(dtype);
+}
+
 #if defined(SF_CUDA_EMULATE)
 void emu_configure(const std::string& order, int64_t seed, int64_t workers, int64_t arch) {
   sf_emu::Options o;
@@ -248,6 +443,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sra_attention_bwd", &sra_attention_bwd, "spatial-reduction attention backward -> (dQ, dK, dV)");
   m.def("conv_layernorm_fwd", &conv_layernorm_fwd, "conv + LayerNorm forward -> tokens");
   m.def("conv_layernorm_bwd", &conv_layernorm_bwd, "conv + LayerNorm backward -> (dz, [dbias, dgamma, dbeta])");
+  m.def("dwconv_gelu_fwd", &dwconv_gelu_fwd, "depthwise 3x3 conv + bias + GELU forward -> y");
+  m.def("dwconv_gelu_bwd", &dwconv_gelu_bwd, "depthwise 3x3 conv + bias + GELU backward -> (dx, dw (C, 9), db)");
+  m.def("upsample_sum_fwd", &upsample_sum_fwd, "bilinear upsample + sum + affine + ReLU forward");
+  m.def("upsample_sum_epilogue_bwd", &upsample_sum_epilogue_bwd,
+        "upsample_sum epilogue backward -> (dz fp32, dbias, dscale, dshift)");
+  m.def("upsample_adjoint", &upsample_adjoint, "adjoint of bilinear upsampling (separable gather)");
 #if defined(SF_CUDA_EMULATE)
   m.def("emu_configure", &emu_configure, "CUDA emulation: block order, seed, worker threads, arch",
         pybind11::arg("order") = "sequential", pybind11::arg("seed") = 0, pybind11::arg("workers") = 1,

@@ -20,7 +20,8 @@ import torch
 
 EMULATE_ENV = "SEGFORMER_FAST_CUDA_EMULATE"
 
-GPU_SOURCES = ("bindings/cuda.cpp", "cuda/sra_attention.cu", "cuda/conv_layernorm.cu")
+GPU_SOURCES = ("bindings/cuda.cpp", "cuda/sra_attention.cu", "cuda/conv_layernorm.cu",
+               "cuda/dwconv_gelu.cu", "cuda/upsample_sum.cu")
 # .cpp translation units only: a CPU-only torch refuses .cu sources (kernels.cpp includes them)
 EMU_SOURCES = ("bindings/cuda.cpp", "cuda/emu/runtime.cpp", "cuda/emu/kernels.cpp")
 GPU_CFLAGS = ("-O3",)
@@ -131,3 +132,47 @@ def conv_layernorm_bwd_dz(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         return torch.empty_like(dy, dtype=x.dtype), x.new_zeros((3, weight.shape[0]), dtype=torch.float32)
     return tuple(native(x.device).conv_layernorm_bwd(dy.contiguous(), x, conv_weight_km(weight), kh, kw, bias,
                                                      gamma, list(stride), list(padding), float(eps)))
+
+
+def dwconv_gelu_fwd(x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias, approximate: str) -> torch.Tensor:
+    """y = gelu(dwconv3x3(x) + bias) on contiguous tokens x (B, H*W, C); weight (C, 1, 3, 3), bias (C,)
+    or None, contiguous in x's dtype; ``approximate`` "none" (erf) or "tanh"."""
+    if x.numel() == 0:       # an empty grid is not a launch
+        return torch.empty_like(x)
+    return native(x.device).dwconv_gelu_fwd(x, H, W, weight, bias, approximate == "tanh")
+
+
+def dwconv_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias,
+                    approximate: str, partial_rows: int = 0):
+    """(dx (B, H*W, C) in x's dtype, dweight (C, 1, 3, 3) and dbias (C,) in weight's dtype) in one fused
+    pass (g = dy * gelu'(pre) stays in shared memory) + a fixed-order reduction of fp32 per-block
+    partials (deterministic). ``partial_rows`` > 0 caps the blocks along the tiles (tests use it to
+    make every block walk several tiles)."""
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros_like(weight), weight.new_zeros(weight.shape[0])
+    dx, dw, db = native(x.device).dwconv_gelu_bwd(dy.contiguous(), x, H, W, weight, bias,
+                                                  approximate == "tanh", int(partial_rows))
+    return dx, dw.view(weight.shape).to(weight.dtype), db.to(weight.dtype)
+
+
+def upsample_sum_fwd(maps, hws, size, bias, scale, shift, relu: bool) -> torch.Tensor:
+    """maps[k] contiguous tokens (B, h_k*w_k, D) (at most 4), hws [(h_k, w_k)], size (H, W); bias,
+    scale, shift (D,) or None -> tokens (B, H*W, D) in the maps' dtype."""
+    if maps[0].numel() == 0:
+        return maps[0].new_empty((maps[0].shape[0], size[0] * size[1], maps[0].shape[2]))
+    return native(maps[0].device).upsample_sum_fwd(list(maps), [s for hw in hws for s in hw], size[0], size[1],
+                                                   bias, scale, shift, bool(relu))
+
+
+def upsample_sum_epilogue_bwd(grad, maps, hws, size, bias, scale, shift, relu: bool):
+    """(dz fp32 (B, H*W, D), dbias, dscale, dshift fp32 (D,)): the epilogue's backward, the sum
+    recomputed from the maps; the vectors are per-block partials added in a fixed order."""
+    return tuple(native(maps[0].device).upsample_sum_epilogue_bwd(
+        grad.contiguous(), list(maps), [s for hw in hws for s in hw], size[0], size[1], bias, scale, shift,
+        bool(relu)))
+
+
+def upsample_adjoint(dz: torch.Tensor, hw, size, dtype: torch.dtype) -> torch.Tensor:
+    """Gradient (B, h*w, D) in ``dtype`` of a map (h, w) upsampled to ``size``, from dz (B, H*W, D):
+    separable gathers along W then H (each element written once: deterministic)."""
+    return native(dz.device).upsample_adjoint(dz.contiguous(), hw[0], hw[1], size[0], size[1], dtype)

@@ -119,3 +119,19 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, grad: bool, backen
            **facts) -> backends.Impl:
     """The implementation that runs this call (see ``segformer_fast.backends``)."""
     return backends.select(op, backends.Inputs(device, dtype, grad, backends.requested(backend), facts))
+
+
+def cuda_limits(inputs: backends.Inputs, why: list[str] | None = None) -> list[str]:
+    """Reasons the ``cuda`` implementation cannot run ``inputs``, after the op's own shape limits
+    ``why``: on CPU tensors the CUDA emulation runs only when ``cuda`` is named (never for ``auto``),
+    and the build for the tensors' device must be possible here."""
+    why = list(why or [])
+    if inputs.device.type == "cpu" and inputs.requested == "auto":
+        why.append("the CUDA emulation is a correctness tool: CPU tensors run it only when 'cuda' is "
+                   "asked for by name")
+    elif not why and inputs.dtype in backends.GPU_FLOATS:
+        from ..kernels.cuda import build_problem
+        problem = build_problem(inputs.device.type)
+        if problem:
+            why.append(problem)
+    return why

@@ -5,7 +5,9 @@
 Implementations (``segformer_fast.backends``): ``triton`` (fused kernels, a ``torch.library``
 custom op with fake, autograd and autocast registrations), ``torch`` (channels-last depthwise conv
 on a zero-copy NCHW view of the tokens + GELU: no layout copy), ``reference``
-(``segformer_fast.reference.dwconv_gelu``).
+(``segformer_fast.reference.dwconv_gelu``), ``cuda`` (the CUDA C++ twin of the Triton kernels,
+csrc/cuda/dwconv_gelu.cu: nvcc build on CUDA tensors; on CPU tensors the CUDA emulation, when
+``SEGFORMER_FAST_CUDA_EMULATE=1`` and ``cuda`` is named).
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import Impl, register, triton_impl
-from ._common import autocast_policy, choose, needs_grad, register_autocast, size_pair
+from ..backends import GPU_FLOATS, Impl, register, triton_impl
+from ._common import autocast_policy, choose, cuda_limits, needs_grad, register_autocast, size_pair
 
 __all__ = ["dwconv_gelu"]
 
@@ -109,13 +111,6 @@ def _dwconv_gelu_bwd_op(grad: Tensor, x: Tensor, H: int, W: int, weight: Tensor,
                                None if bias is None else bias.contiguous(), approximate)
 
 
-@_dwconv_gelu_bwd_op.register_fake
-def _(grad, x, H, W, weight, bias, approximate):
-    C = x.shape[-1]
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
-            weight.new_empty((C,)) if bias is None else bias.new_empty(bias.shape))
-
-
 def _setup_context(ctx, inputs, output):
     x, H, W, weight, bias, approximate = inputs
     # Only the inputs: the pre-activation is recomputed in the backward (it re-reads x anyway).
@@ -123,15 +118,55 @@ def _setup_context(ctx, inputs, output):
     ctx.H, ctx.W, ctx.approximate = H, W, approximate
 
 
-def _backward(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _dwconv_gelu_bwd_op(grad, x, ctx.H, ctx.W, weight, bias, ctx.approximate)
-    return dx, None, None, dw, (db if bias is not None else None), None
+def _backward_with(bwd_op):
+    """The autograd backward of a forward op whose backward op is ``bwd_op`` (triton or cuda)."""
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = bwd_op(grad, x, ctx.H, ctx.W, weight, bias, ctx.approximate)
+        return dx, None, None, dw, (db if bias is not None else None), None
+    return backward
 
 
-_dwconv_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+def _bwd_fake(grad, x, H, W, weight, bias, approximate):
+    C = x.shape[-1]
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            weight.new_empty((C,)) if bias is None else bias.new_empty(bias.shape))
+
+
+_dwconv_gelu_bwd_op.register_fake(_bwd_fake)
+_dwconv_gelu_op.register_autograd(_backward_with(_dwconv_gelu_bwd_op), setup_context=_setup_context)
 register_autocast(_dwconv_gelu_op, "lower")
 register_autocast(_dwconv_gelu_bwd_op, "keep")
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda backend: the CUDA C++ twin (csrc/cuda/dwconv_gelu.cu), own op names so that traced graphs
+# say which kernels they call; same autograd, fakes and autocast policy as the triton pair.
+
+@torch.library.custom_op("segformer_fast::cuda_dwconv_gelu", mutates_args=())
+def _cuda_fwd(x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    from ..kernels.cuda import dwconv_gelu_fwd
+    return dwconv_gelu_fwd(x.contiguous(), H, W, weight.contiguous(),
+                           None if bias is None else bias.contiguous(), approximate)
+
+
+@_cuda_fwd.register_fake
+def _(x, H, W, weight, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("segformer_fast::cuda_dwconv_gelu_backward", mutates_args=())
+def _cuda_bwd(grad: Tensor, x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None,
+              approximate: str) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.cuda import dwconv_gelu_bwd
+    return dwconv_gelu_bwd(grad.contiguous(), x.contiguous(), H, W, weight.contiguous(),
+                           None if bias is None else bias.contiguous(), approximate)
+
+
+_cuda_bwd.register_fake(_bwd_fake)
+_cuda_fwd.register_autograd(_backward_with(_cuda_bwd), setup_context=_setup_context)
+register_autocast(_cuda_fwd, "lower")
+register_autocast(_cuda_bwd, "keep")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +177,7 @@ def _reference(x, H, W, weight, bias, approximate):
 
 IMPLS = register("dwconv_gelu", [
     triton_impl(_dwconv_gelu_op),
+    Impl("cuda", _cuda_fwd, devices=("cuda", "cpu"), dtypes=GPU_FLOATS, limits=cuda_limits),
     Impl("torch", _torch_impl, onnx=True),
     Impl("reference", _reference, onnx=True),
 ])

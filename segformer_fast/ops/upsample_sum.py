@@ -7,10 +7,12 @@ relu((sum_i up(map_i) + bias) * scale + shift), each term only where given (see
 
 Implementations (``segformer_fast.backends``): ``triton`` (one fused gather kernel forward;
 epilogue-backward + adjoint-gather kernels backward; at most 4 maps), ``cpu``
-(csrc/cpu/upsample_sum.cpp: one pass, fp32, no backward: ``auto`` takes ``torch`` for calls needing
+(csrc/cpu/upsample_sum.cpp: one pass, fp32 or bf16 with fp32 sums, no backward: ``auto`` takes ``torch`` for calls needing
 gradients or other dtypes, a request for ``cpu`` by name raises for them), ``torch``
 (F.interpolate on channels-last *views* of the tokens, summed in place: no layout copies),
-``reference``.
+``cuda`` (the CUDA C++ twin of the Triton kernels, csrc/cuda/upsample_sum.cu, at most 4 maps: nvcc
+build on CUDA tensors; on CPU tensors the CUDA emulation, when ``SEGFORMER_FAST_CUDA_EMULATE=1`` and
+``cuda`` is named), ``reference``.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import Impl, Inputs, needs_native_cpu, register, triton_impl
-from ._common import autocast_policy, choose, needs_grad, register_autocast
+from ..backends import GPU_FLOATS, Impl, Inputs, needs_native_cpu, register, triton_impl
+from ._common import autocast_policy, choose, cuda_limits, needs_grad, register_autocast
 
 __all__ = ["upsample_sum"]
 
@@ -104,7 +106,7 @@ def _upsample_sum_op(maps: list[Tensor], hws: list[int], size: list[int], bias: 
 
 
 @_upsample_sum_op.register_fake
-def _(maps, hws, size, bias, scale, shift, relu):
+def _fwd_fake(maps, hws, size, bias, scale, shift, relu):
     B, _, D = maps[0].shape
     return maps[0].new_empty((B, size[0] * size[1], D))
 
@@ -119,7 +121,7 @@ def _epilogue_bwd_op(grad: Tensor, maps: list[Tensor], hws: list[int], size: lis
 
 
 @_epilogue_bwd_op.register_fake
-def _(grad, maps, hws, size, bias, scale, shift, relu):
+def _epilogue_fake(grad, maps, hws, size, bias, scale, shift, relu):
     D = maps[0].shape[2]
     vec = grad.new_empty((D,), dtype=torch.float32)
     return grad.new_empty(grad.shape, dtype=torch.float32), vec, vec.clone(), vec.clone()
@@ -133,7 +135,7 @@ def _adjoint_op(dz: Tensor, hws: list[int], size: list[int], dtype: torch.dtype)
 
 
 @_adjoint_op.register_fake
-def _(dz, hws, size, dtype):
+def _adjoint_fake(dz, hws, size, dtype):
     B, _, D = dz.shape
     return [dz.new_empty((B, h * w, D), dtype=dtype) for h, w in _pairs(hws)]
 
@@ -145,14 +147,21 @@ def _setup_context(ctx, inputs, output):
     ctx.hws, ctx.size, ctx.relu = list(hws), list(size), relu
 
 
-def _backward(ctx, grad):
+def _backward_with(epilogue_op, adjoint_op):
+    """The autograd backward of a forward op whose backward pieces are ``epilogue_op`` and
+    ``adjoint_op`` (triton or cuda)."""
+    def backward(ctx, grad):
+        return _backward(ctx, grad, epilogue_op, adjoint_op)
+    return backward
+
+
+def _backward(ctx, grad, epilogue_op, adjoint_op):
     saved = ctx.saved_tensors
     maps, (bias, scale, shift) = list(saved[:ctx.n_maps]), saved[ctx.n_maps:]
     hws, size = _pairs(ctx.hws), tuple(ctx.size)
     dbias = dscale = dshift = None
     if scale is not None or shift is not None or ctx.relu:
-        dz, db, ds, dsh = torch.ops.segformer_fast.upsample_sum_epilogue_bwd(
-            grad, maps, ctx.hws, ctx.size, bias, scale, shift, ctx.relu)
+        dz, db, ds, dsh = epilogue_op(grad, maps, ctx.hws, ctx.size, bias, scale, shift, ctx.relu)
         dbias = db.to(bias.dtype) if bias is not None else None
         dscale = ds.to(scale.dtype) if scale is not None else None
         dshift = dsh.to(shift.dtype) if shift is not None else None
@@ -165,7 +174,7 @@ def _backward(ctx, grad):
     grads: list = [None] * len(maps)
     if up:
         flat = [s for i in up for s in hws[i]]
-        for i, g in zip(up, torch.ops.segformer_fast.upsample_adjoint(dz, flat, ctx.size, maps[0].dtype)):
+        for i, g in zip(up, adjoint_op(dz, flat, ctx.size, maps[0].dtype)):
             grads[i] = g
     for i, hw in enumerate(hws):
         if tuple(hw) == size:
@@ -173,10 +182,46 @@ def _backward(ctx, grad):
     return grads, None, None, dbias, dscale, dshift, None
 
 
-_upsample_sum_op.register_autograd(_backward, setup_context=_setup_context)
+_upsample_sum_op.register_autograd(_backward_with(torch.ops.segformer_fast.upsample_sum_epilogue_bwd,
+                                                  torch.ops.segformer_fast.upsample_adjoint),
+                                   setup_context=_setup_context)
 register_autocast(_upsample_sum_op, "lower")
 register_autocast(_epilogue_bwd_op, "keep")
 register_autocast(_adjoint_op, "keep")
+
+
+# ---------------------------------------------------------------- cuda: CUDA C++ kernels (csrc/cuda)
+# The same three pieces as the triton path (fused forward; epilogue backward; separable adjoint
+# gather), own op names so that traced graphs say which kernels they call.
+@torch.library.custom_op("segformer_fast::cuda_upsample_sum", mutates_args=())
+def _cuda_fwd(maps: list[Tensor], hws: list[int], size: list[int], bias: Optional[Tensor],
+              scale: Optional[Tensor], shift: Optional[Tensor], relu: bool) -> Tensor:
+    from ..kernels.cuda import upsample_sum_fwd
+    return upsample_sum_fwd([m.contiguous() for m in maps], _pairs(hws), tuple(size), bias, scale, shift, relu)
+
+
+@torch.library.custom_op("segformer_fast::cuda_upsample_sum_epilogue_bwd", mutates_args=())
+def _cuda_epilogue_bwd(grad: Tensor, maps: list[Tensor], hws: list[int], size: list[int],
+                       bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                       relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.cuda import upsample_sum_epilogue_bwd
+    return upsample_sum_epilogue_bwd(grad, [m.contiguous() for m in maps], _pairs(hws), tuple(size), bias,
+                                     scale, shift, relu)
+
+
+@torch.library.custom_op("segformer_fast::cuda_upsample_adjoint", mutates_args=())
+def _cuda_adjoint(dz: Tensor, hws: list[int], size: list[int], dtype: torch.dtype) -> list[Tensor]:
+    from ..kernels.cuda import upsample_adjoint
+    return [upsample_adjoint(dz, hw, tuple(size), dtype) for hw in _pairs(hws)]
+
+
+_cuda_fwd.register_fake(_fwd_fake)
+_cuda_epilogue_bwd.register_fake(_epilogue_fake)
+_cuda_adjoint.register_fake(_adjoint_fake)
+_cuda_fwd.register_autograd(_backward_with(_cuda_epilogue_bwd, _cuda_adjoint), setup_context=_setup_context)
+register_autocast(_cuda_fwd, "lower")
+register_autocast(_cuda_epilogue_bwd, "keep")
+register_autocast(_cuda_adjoint, "keep")
 
 
 # ---------------------------------------------------------------- torch: stock composition
@@ -237,7 +282,7 @@ def _(maps, hws, size, bias, scale, shift, relu):
     return maps[0].new_empty(maps[0].shape[0], size[0] * size[1], maps[0].shape[2])
 
 
-register_autocast(_upsample_sum_cpu, "fp32")
+register_autocast(_upsample_sum_cpu, "lower")     # bf16 maps run natively (fp32 sums)
 
 
 def _run_cpu(maps, hws, size, bias, scale, shift, relu) -> Tensor:
@@ -248,13 +293,22 @@ def _run_triton(maps, hws, size, bias, scale, shift, relu) -> Tensor:
     return _upsample_sum_op(list(maps), [s for hw in hws for s in hw], list(size), bias, scale, shift, relu)
 
 
+def _run_cuda(maps, hws, size, bias, scale, shift, relu) -> Tensor:
+    return _cuda_fwd(list(maps), [s for hw in hws for s in hw], list(size), bias, scale, shift, relu)
+
+
+def _cuda_limits(inputs: Inputs) -> list[str]:
+    return cuda_limits(inputs, _triton_limits(inputs))      # the same at most 4 maps
+
+
 def _run_reference(maps, hws, size, bias, scale, shift, relu) -> Tensor:
     return reference.upsample_sum(maps, hws, size, bias=bias, scale=scale, shift=shift, relu=relu)
 
 
 IMPLS = register("upsample_sum", [
     triton_impl(_run_triton, _triton_limits),
-    Impl("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,), backward=False,
+    Impl("cuda", _run_cuda, devices=("cuda", "cpu"), dtypes=GPU_FLOATS, limits=_cuda_limits),
+    Impl("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), backward=False,
          requires=needs_native_cpu),
     Impl("torch", _torch_impl, onnx=True),
     Impl("reference", _run_reference, onnx=True),

@@ -2,4 +2,6 @@
 // CUDA sources are compiled here as C++ (csrc/cuda/portable.cuh maps them onto csrc/cuda/emu).
 #include "cuda/sra_attention.cu"
 #include "cuda/conv_layernorm.cu"
+#include "cuda/dwconv_gelu.cu"
+#include "cuda/upsample_sum.cu"
 #include "cuda/emu/selftest.cu"
