@@ -78,6 +78,7 @@ def test_auto_uses_native_for_inference_and_torch_for_training(native):
     assert which("upsample_sum", "cpu", torch.float32, backend="auto").name == "cpu"
     training = which("upsample_sum", "cpu", torch.float32, backend="auto", needs_grad=True)
     assert training.name == "torch" and training.reasons["cpu"] == ["no backward: this call needs gradients"]
+    assert which("upsample_sum", "cpu", torch.bfloat16, backend="auto").name == "cpu"
     half = which("upsample_sum", "cpu", torch.float16, backend="auto")
     assert half.name == "torch" and "dtype torch.float16" in half.reasons["cpu"][0]
 
@@ -115,3 +116,54 @@ def test_cpu_name_on_ops_without_native_kernel_is_the_torch_composition():
         assert c.name == "cpu" and c.same_as == "torch", c
         assert which(op, "cpu", backend="auto").name == "torch"
         assert which(op, "meta", backend="cpu").name is None
+
+
+@pytest.mark.parametrize("epilogue", ["bias", "bn_relu"])
+@pytest.mark.parametrize("hws,B,D", [(ODD, 2, 40), ([(9, 8), (9, 8), (3, 2)], 1, 7)])
+def test_contract_bf16(native, hws, B, D, epilogue):
+    """bf16 maps: fp32 sums, one rounding at the end; output bf16, within the contract of the
+    reference run in bf16 (several roundings) against fp64."""
+    size = hws[0]
+    maps = [m.bfloat16() for m in _maps(B, D, hws, scale=30.0)]
+    g = torch.Generator().manual_seed(1)
+    kw = {"bias": torch.randn(D, generator=g)}
+    if epilogue == "bn_relu":
+        kw["scale"] = torch.rand(D, generator=g) + 0.5
+        kw["shift"] = torch.randn(D, generator=g)
+    relu = epilogue == "bn_relu"
+    kw16 = {k: v.bfloat16() for k, v in kw.items()}
+    with torch.no_grad(), _count_native(native) as calls:
+        out = upsample_sum(maps, hws, size, relu=relu, backend="cpu", **kw16)
+    assert len(calls) == 1 and out.dtype == torch.bfloat16
+    ref = reference.upsample_sum([m.double() for m in maps], hws, size, relu=relu,
+                                 **{k: v.double() for k, v in kw16.items()})
+    pt = reference.upsample_sum(maps, hws, size, relu=relu, **kw16)
+    print(assert_contract(out, ref, pt, name=f"cpu upsample_sum bf16 {hws} {epilogue}"))
+
+
+def test_autocast_runs_native_bf16(native):
+    """Under CPU bf16 autocast the native kernel runs in bf16 (not an fp32 detour)."""
+    hws = ODD[1:]
+    maps = _maps(1, 16, hws)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _count_native(native) as calls:
+        out = upsample_sum(maps, hws, hws[0], bias=torch.randn(16), relu=True)
+    assert len(calls) == 1 and calls[0][0][0].dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_fallback_gives_the_same_numbers(native, monkeypatch, dtype):
+    """SEGFORMER_FAST_CPU_ISA=portable forces the plain C++ instantiation (what a machine without
+    AVX-512 runs): bit-identical to the AVX-512 one (no FMA contraction in either)."""
+    hws, D = [(25, 33), (13, 17), (7, 9), (25, 33)], 37
+    maps = [m.to(dtype) for m in _maps(2, D, hws, scale=10.0)]
+    bias, scale, shift = (torch.randn(D) for _ in range(3))
+    with torch.no_grad():
+        monkeypatch.delenv("SEGFORMER_FAST_CPU_ISA", raising=False)
+        fast_isa = native.cpu_isa()
+        fast = upsample_sum(maps, hws, hws[0], bias=bias.to(dtype), scale=scale.to(dtype),
+                            shift=shift.to(dtype), relu=True, backend="cpu")
+        monkeypatch.setenv("SEGFORMER_FAST_CPU_ISA", "portable")
+        assert native.cpu_isa() == "portable"
+        slow = upsample_sum(maps, hws, hws[0], bias=bias.to(dtype), scale=scale.to(dtype),
+                            shift=shift.to(dtype), relu=True, backend="cpu")
+    assert torch.equal(fast, slow), f"{fast_isa} vs portable: max diff {(fast.float() - slow.float()).abs().max()}"

@@ -3,5 +3,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_sum_forward", &upsample_sum_forward,
-        "bilinear upsample-sum + per-channel affine + ReLU, fp32 inference (ops.upsample_sum)");
+        "bilinear upsample-sum + per-channel affine + ReLU, fp32/bf16 inference (ops.upsample_sum)");
+  m.def("cpu_isa", &cpu_isa, "instruction set of the next kernel call: avx512 or portable "
+        "(SEGFORMER_FAST_CPU_ISA=portable forces the fallback)");
 }

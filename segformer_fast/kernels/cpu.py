@@ -3,7 +3,9 @@ from __future__ import annotations
 
 SOURCES = ("cpu/upsample_sum.cpp", "bindings/cpu.cpp")
 # -fopenmp: at::parallel_for is inline OpenMP in the headers; without the flag it runs serially.
-CFLAGS = ("-O3", "-fopenmp")
+# -ffp-contract=off: the AVX-512 and portable instantiations of a kernel (cpu/isa.h) must round
+# alike, so neither may fuse a multiply-add into an FMA.
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 
 
 def native():
