@@ -9,8 +9,6 @@ with 0 spills; the GPU binding passes g++ -fsyntax-only. With a GPU: the nvcc bu
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,34 +20,8 @@ from segformer_fast.kernels import cuda as K
 from segformer_fast.ops.sra_attention import sra_attention
 from segformer_fast.testing import check_op
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
-
-
-@pytest.fixture(scope="module")
-def emu():
-    old = os.environ.get(K.EMULATE_ENV)
-    os.environ[K.EMULATE_ENV] = "1"
-    m = K.emulated_build()       # one g++ build per machine (cached by _build.py)
-    yield m
-    m.emu_configure("sequential", 0, 1, 80)
-    if old is None:
-        del os.environ[K.EMULATE_ENV]
-    else:
-        os.environ[K.EMULATE_ENV] = old
-
-
-ORDERS = {
-    "sequential": ("sequential", 0, 1),
-    "shuffled-2workers": ("shuffled", 11, 2),   # blocks and warps shuffled, two blocks at a time
-}
-
-
-@pytest.fixture(params=list(ORDERS))
-def order(request, emu):
-    emu.emu_configure(*ORDERS[request.param], 80)
-    yield request.param
-    emu.emu_configure("sequential", 0, 1, 80)
+from cuda_testing import ARCHS, CSRC, CU_FILES, NVCC, assert_no_spills, emu, needs_nvcc, order  # noqa: F401
+from cuda_testing import ptxas_report as _ptxas_report  # noqa: F401  (test_conv_layernorm_cuda imports it from here)
 
 
 def cuda_attention(q, k, v, heads, scale=None):
@@ -194,42 +166,13 @@ def test_gpu_contract(heads, d, N, M, B, mag):
 
 
 # ------------------------------------------------------------------------------ nvcc, ahead of time
-NVCC = shutil.which("nvcc")
-CU_FILES = sorted(p.relative_to(CSRC).as_posix() for p in (CSRC / "cuda").rglob("*.cu"))
-ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@needs_nvcc
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("cu", CU_FILES)
-def test_nvcc_no_spills(cu, arch, tmp_path):
-    """Each .cu compiled once per arch, as the GPU build compiles it; ptxas must report 0 spill
-    bytes for every kernel; registers are printed."""
-    cmd = [NVCC, "-std=c++17", "-O3", "-Xptxas", "-v", "-I", str(CSRC), "-I", str(CSRC / "cuda"),
-           "-cubin", f"-gencode={ARCHS[arch]}", str(CSRC / cu), "-o", str(tmp_path / "k.cubin")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    kernels = _ptxas_report(r.stderr)
-    assert kernels and len(kernels) == r.stderr.count("Compiling entry function"), r.stderr[-2000:]
-    demangle = shutil.which("c++filt")
-    for name, (regs, stores, loads) in kernels.items():
-        pretty = subprocess.run([demangle, name], capture_output=True, text=True).stdout.strip() if demangle else name
-        print(f"{arch} {cu}: {regs:>3} registers, {stores}/{loads} spill bytes  {pretty}")
-        assert (stores, loads) == (0, 0), f"{pretty} spills on {arch}: {stores} B stores, {loads} B loads"
-
-
-def _ptxas_report(text: str) -> dict[str, tuple[int, int, int]]:
-    """kernel -> (registers, spill store bytes, spill load bytes) from ``ptxas -v`` output."""
-    out, cur, spills = {}, None, (None, None)
-    for line in text.splitlines():
-        if m := re.search(r"Compiling entry function '(\w+)'", line):
-            cur = m.group(1)
-        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and cur:
-            spills = (int(m.group(1)), int(m.group(2)))
-        elif (m := re.search(r"Used (\d+) registers", line)) and cur:
-            out[cur] = (int(m.group(1)), *spills)
-            cur, spills = None, (None, None)
-    return out
+def test_nvcc_no_spills(cu, arch):
+    """Every .cu under csrc/cuda compiled once per arch, as the GPU build compiles it; ptxas must
+    report 0 spill bytes for every kernel; registers are printed."""
+    assert_no_spills(cu, arch)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
