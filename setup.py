@@ -35,6 +35,9 @@ setup(
         "triton": [TRITON],
         "native": ["ninja", "pybind11"],
         "test": TEST + ["ninja", "pybind11"],
+        # CPU inference engines the benchmarks compare against (python -m segformer_fast.contenders,
+        # benchmarks/bench_model.py); every use skips when they are absent
+        "bench": ["openvino", "onnxruntime", "onnx", "onnxscript"],
     },
     entry_points={"console_scripts": ["segformer-fast=segformer_fast.__main__:main"]},
 )
