@@ -38,6 +38,7 @@
 #include <type_traits>
 
 #include "cuda/conv_layernorm.h"
+#include "cuda/pack.cuh"
 #include "cuda/portable.cuh"
 
 namespace sf_cuda {
@@ -83,6 +84,14 @@ SF_DEVICE float warp_sum(float x) {
   return x;
 }
 
+template <class T, int V>
+SF_DEVICE Pack<T, V> zero_pack() {
+  Pack<T, V> z;
+#pragma unroll
+  for (int v = 0; v < V; ++v) z.v[v] = sf_from_float<T>(0.f);
+  return z;
+}
+
 template <class T>
 SF_DEVICE float load_or(const void* p, int i, float fallback) {
   return p ? sf_to_float(static_cast<const T*>(p)[i]) : fallback;
@@ -114,28 +123,52 @@ SF_DEVICE void conv_tile(const ConvLnParams& p, unsigned char* smem, int m0, int
   const T* x = static_cast<const T*>(p.x) + int64_t(b) * p.sxb;
   const T* w = static_cast<const T*>(p.w);
 
+  // 16-byte loads: VEC consecutive k of one token (one pixel: Cin % VEC == 0) or one weight row
+  constexpr int VEC = 16 / sizeof(T), CPR = BK / VEC;  // vectors per staged row
+
   float acc[NTMAX][4] = {};
-  const int kk = tid % BK;                                       // this thread's k column in the stage
+  const int kk = tid % BK;                                       // scalar loads: this thread's k column
   for (int k0 = 0; k0 < K; k0 += BK) {
     __syncthreads();  // srow written (first step); every warp is done with the previous tiles
-    const int k = k0 + kk;
-    const bool kin = k < K;
-    const int cin = k % p.Cin, tap = k / p.Cin, kh = tap / p.KW, kw = tap % p.KW;
-    for (int r = tid / BK; r < BM; r += kThreads / BK) {
-      const int hi = srow[2 * r] + kh, wi = srow[2 * r + 1] + kw;
-      T v = sf_from_float<T>(0.f);
-      if (kin && hi >= 0 && hi < p.H && wi >= 0 && wi < p.W)   // zero padding as a predicate
-        v = x[int64_t(cin) * p.sxc + int64_t(hi) * p.sxh + int64_t(wi) * p.sxw];
-      sa[r * LD + kk] = v;
+    if (p.vec_x) {
+      for (int i = tid; i < BM * CPR; i += kThreads) {
+        const int r = i / CPR, kc = (i % CPR) * VEC, k = k0 + kc;
+        const int cin = k % p.Cin, tap = k / p.Cin;
+        const int hi = srow[2 * r] + tap / p.KW, wi = srow[2 * r + 1] + tap % p.KW;
+        Pack<T, VEC> v = zero_pack<T, VEC>();
+        if (k < K && hi >= 0 && hi < p.H && wi >= 0 && wi < p.W)  // zero padding as a predicate
+          v = ld_pack<T, VEC>(x + cin + int64_t(hi) * p.sxh + int64_t(wi) * p.sxw);
+        st_pack<T, VEC>(sa + r * LD + kc, v);
+      }
+    } else {
+      const int k = k0 + kk;
+      const int cin = k % p.Cin, tap = k / p.Cin, kh = tap / p.KW, kw = tap % p.KW;
+      for (int r = tid / BK; r < BM; r += kThreads / BK) {
+        const int hi = srow[2 * r] + kh, wi = srow[2 * r + 1] + kw;
+        T v = sf_from_float<T>(0.f);
+        if (k < K && hi >= 0 && hi < p.H && wi >= 0 && wi < p.W)
+          v = x[int64_t(cin) * p.sxc + int64_t(hi) * p.sxh + int64_t(wi) * p.sxw];
+        sa[r * LD + kk] = v;
+      }
     }
-    for (int n = tid / BK; n < nb; n += kThreads / BK)
-      sb[n * LD + kk] = (kin && n < p.Cout) ? w[int64_t(n) * K + k] : sf_from_float<T>(0.f);
+    if (p.vec_w) {
+      for (int i = tid; i < nb * CPR; i += kThreads) {
+        const int n = i / CPR, kc = (i % CPR) * VEC, k = k0 + kc;
+        Pack<T, VEC> v = zero_pack<T, VEC>();
+        if (k < K && n < p.Cout) v = ld_pack<T, VEC>(w + int64_t(n) * K + k);
+        st_pack<T, VEC>(sb + n * LD + kc, v);
+      }
+    } else {
+      const int k = k0 + kk;
+      for (int n = tid / BK; n < nb; n += kThreads / BK)
+        sb[n * LD + kk] = (k < K && n < p.Cout) ? w[int64_t(n) * K + k] : sf_from_float<T>(0.f);
+    }
     __syncthreads();  // both tiles complete before any warp reads them
 
     const T* a0 = sa + (wr * 16 + g) * LD;
     const T* bw = sb + (wc * nt * 8) * LD;
     if constexpr (C::kF32) {
-#pragma unroll 4
+#pragma unroll 2
       for (int c = 0; c < BK; ++c) {
         const float x0 = a0[c], x1 = a0[8 * LD + c];
 #pragma unroll
@@ -327,6 +360,17 @@ cudaError_t by_type(DType dtype, int cout, F&& f) {
 }  // namespace cl
 }  // namespace
 
+namespace {
+// p with vec_x / vec_w decided for element size `e` (16-byte vectors of 16 / e elements)
+ConvLnParams vectorised(ConvLnParams p, int e) {
+  const int v = 16 / e;
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  p.vec_x = p.sxc == 1 && p.Cin % v == 0 && p.sxb % v == 0 && p.sxh % v == 0 && p.sxw % v == 0 && aligned(p.x);
+  p.vec_w = (int64_t(p.KH) * p.KW * p.Cin) % v == 0 && aligned(p.w);
+  return p;
+}
+}  // namespace
+
 int conv_layernorm_blocks(DType, int B, int Ho, int Wo, int Cout) {
   return cl::cdiv(int64_t(Ho) * Wo, cl::rows_per_block(Cout)) * B;
 }
@@ -336,7 +380,8 @@ cudaError_t conv_layernorm_fwd(DType dtype, const ConvLnParams& p, cudaStream_t 
     using T = decltype(zero);
     constexpr int RW = decltype(rw)::value;
     const dim3 grid(cl::cdiv(int64_t(p.Ho) * p.Wo, 16 * RW), p.B);
-    return cl::launch(cl::cl_fwd_kernel<T, RW>, grid, dim3(cl::kThreads), cl::cl_smem<T, RW>(p.Cout), stream, p);
+    return cl::launch(cl::cl_fwd_kernel<T, RW>, grid, dim3(cl::kThreads), cl::cl_smem<T, RW>(p.Cout), stream,
+                      vectorised(p, sizeof(T)));
   });
 }
 
@@ -345,7 +390,8 @@ cudaError_t conv_layernorm_bwd(DType dtype, const ConvLnParams& p, float* dvec, 
     using T = decltype(zero);
     constexpr int RW = decltype(rw)::value;
     const dim3 grid(cl::cdiv(int64_t(p.Ho) * p.Wo, 16 * RW), p.B);
-    return cl::launch(cl::cl_dz_kernel<T, RW>, grid, dim3(cl::kThreads), cl::cl_smem<T, RW>(p.Cout), stream, p);
+    return cl::launch(cl::cl_dz_kernel<T, RW>, grid, dim3(cl::kThreads), cl::cl_smem<T, RW>(p.Cout), stream,
+                      vectorised(p, sizeof(T)));
   });
   if (e != cudaSuccess) return e;
   const int n = 3 * p.Cout;

@@ -24,6 +24,9 @@ struct ConvLnParams {
   int64_t sxb, sxc, sxh, sxw;
   int B, Cin, H, W, Ho, Wo, Cout, KH, KW, stride_h, stride_w, pad_h, pad_w;
   float eps;
+  // set by the launchers: 16-byte loads of 16 / sizeof(T) consecutive k where every address allows
+  bool vec_x;          // sxc == 1, Cin, sxb, sxh, sxw multiples of the vector, x 16-byte aligned
+  bool vec_w;          // K a multiple of the vector, w 16-byte aligned
 };
 
 // Number of blocks of the backward's dz kernel (the first dimension of p.part).

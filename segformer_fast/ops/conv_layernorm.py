@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import reference as _reference
 from ..backends import GPU_FLOATS, Impl, Inputs, register, triton_impl
-from ._common import autocast_policy, choose, needs_grad, register_autocast, size_pair
+from ._common import autocast_policy, choose, cuda_limits, needs_grad, register_autocast, size_pair
 
 __all__ = ["conv_layernorm"]
 
@@ -253,19 +253,11 @@ _CUDA_MAX_COUT = 512     # a block owns whole rows of Cout (SegFormer's widest s
 
 
 def _cuda_limits(inputs: Inputs) -> list[str]:
-    why = []
     cout = inputs.facts.get("cout")
+    why = []
     if cout is not None and cout > _CUDA_MAX_COUT:
         why.append(f"Cout {cout} > {_CUDA_MAX_COUT} (a block owns whole rows of Cout)")
-    if inputs.device.type == "cpu" and inputs.requested == "auto":
-        why.append("the CUDA emulation is a correctness tool: CPU tensors run it only when 'cuda' is "
-                   "asked for by name")
-    elif not why and inputs.dtype in GPU_FLOATS:
-        from ..kernels.cuda import build_problem
-        problem = build_problem(inputs.device.type)
-        if problem:
-            why.append(problem)
-    return why
+    return cuda_limits(inputs, why)
 
 
 IMPLS = register("conv_layernorm", [
