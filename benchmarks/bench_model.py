@@ -2,7 +2,8 @@
 patched by segformer_fast — forward and forward+backward; on CPU also both exported to ONNX and
 run by ONNX Runtime (``ort_stock`` vs ``ort_patched``: the folded decoder travels with the export).
 
-CPU (here): B0/B1/B2 at 512², batch 1, fp32. CUDA: B0-B5 at 512², 1024², 1024x2048, batch 1 and
+CPU (here): B0/B1/B2 at 512², batch 1, fp32; OpenVINO fp32 and at its default precision when
+installed (``.[bench]``); the patched B0 under bf16 autocast. CUDA: B0-B5 at 512², 1024², 1024x2048, batch 1 and
 8, fp16/bf16 (skipped without a GPU). Compare rows of one run as ratios; the JSON under
 benchmarks/results/ records device and versions.
 """
@@ -119,6 +120,45 @@ def test_model_cpu_onnxruntime(benchmark, smoke, variant, impl):
                                 onnxruntime=__import__("onnxruntime").__version__)
     benchmark.pedantic(lambda: sess.run(None, feed), rounds=1 if smoke else 5,
                        warmup_rounds=0 if smoke else 1)
+
+
+@pytest.mark.parametrize("precision", ["f32", "default"])
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_model_cpu_openvino(benchmark, smoke, variant, precision):
+    """OpenVINO's CPU plugin on the same HF weights (optional: ``pip install .[bench]``): fp32,
+    and its default precision (bf16 on CPUs with AVX512-BF16/AMX)."""
+    pytest.importorskip("openvino")
+    from segformer_fast.contenders import openvino_runner
+
+    benchmark.group = f"model-cpu-{variant}-fwd-512"
+    if smoke and variant != "b0":
+        pytest.skip("smoke run: one OpenVINO conversion per precision keeps CI short")
+    size = (64, 64) if smoke else (512, 512)
+    key = (variant, "openvino", precision, size)
+    x = torch.randn(1, 3, *size)
+    if key not in _cache:
+        _cache[key] = openvino_runner(build(variant, "hf_sdpa", "cpu", torch.float32).eval(), x,
+                                      None if precision == "default" else precision)
+    run = _cache[key]
+    benchmark.extra_info.update(versions(), variant=variant, impl=f"openvino_{precision}", mode="fwd",
+                                size=list(size), batch=1, dtype=str(run.precision), device="cpu",
+                                openvino=__import__("openvino").__version__)
+    benchmark.pedantic(lambda: run(x), rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
+
+
+def test_model_cpu_bf16_autocast(benchmark, smoke):
+    """The patched model under CPU bf16 autocast (the row to read against openvino_default)."""
+    benchmark.group = "model-cpu-b0-fwd-512"
+    size = (64, 64) if smoke else (512, 512)
+    model = build("b0", "patched", "cpu", torch.float32).eval()
+    x = torch.randn(1, 3, *size)
+
+    def step():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).logits
+    benchmark.extra_info.update(versions(), variant="b0", impl="patched_bf16_autocast", mode="fwd",
+                                size=list(size), batch=1, dtype="torch.bfloat16 (autocast)", device="cpu")
+    benchmark.pedantic(step, rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
 
 
 @pytest.mark.gpu
