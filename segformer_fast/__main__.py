@@ -5,6 +5,10 @@
     python -m segformer_fast bench   markdown table of ratios from a saved benchmark run
     python -m segformer_fast kernels ahead-of-time sm_80/sm_90 compile of every Triton kernel
                                      launch of SegFormer B0-B5 (registers, spills, shared memory)
+    python -m segformer_fast info    versions, device, what auto runs per op and why, build caches
+    python -m segformer_fast selfcheck [--quick]   every op x implementation here vs fp64 reference
+    python -m segformer_fast gpu-report --out DIR [--dry-run] [--budget-min N]   GPU validation +
+                                     benchmarks as JSON + summary.md
 """
 from __future__ import annotations
 
@@ -152,6 +156,21 @@ def _kernels(args) -> int:
     return kernels_main(args)
 
 
+def _add_machine_commands(sub) -> None:
+    """info, selfcheck and gpu-report (segformer_fast/info.py, selfcheck.py, gpu_report.py)."""
+    from segformer_fast import gpu_report, info, selfcheck
+
+    for name, module, text in (
+            ("info", info, "versions, device, which implementation auto picks per op and why, build caches"),
+            ("selfcheck", selfcheck, "every op on every implementation available here vs the fp64 reference, "
+                                     "then a patched tiny HF model vs stock (exit 1 on any failure)"),
+            ("gpu-report", gpu_report, "validate and benchmark everything on a GPU machine: JSON + summary.md "
+                                       "under --out (--dry-run: the same on CPU at tiny shapes)")):
+        p = sub.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(fn=module.main)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segformer_fast")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -186,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="compiles in flight (default 2)")
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(fn=_kernels)
+    _add_machine_commands(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.fn(args)

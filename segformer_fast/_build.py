@@ -60,6 +60,14 @@ def _digest(paths: list[Path], flags: tuple[str, ...]) -> str:
     return h.hexdigest()[:16]
 
 
+def build_dir(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("-O3",),
+              extra_ldflags: tuple[str, ...] = (), extra_cuda_cflags: tuple[str, ...] = ()) -> Path:
+    """The cache directory ``load`` builds ``name`` into for these sources and flags (whether or not
+    it exists yet: ``(build_dir(...) / f"{name}.so").exists()`` says whether the build is cached)."""
+    paths = [CSRC / s for s in sources]
+    return cache_root() / f"{name}-{_digest(paths, extra_cflags + extra_ldflags + extra_cuda_cflags)}"
+
+
 @functools.lru_cache(maxsize=None)
 def load(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("-O3",),
          extra_ldflags: tuple[str, ...] = (), extra_cuda_cflags: tuple[str, ...] = ()):
@@ -72,8 +80,8 @@ def load(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("
     from torch.utils import cpp_extension
 
     paths = [CSRC / s for s in sources]
-    build_dir = cache_root() / f"{name}-{_digest(paths, extra_cflags + extra_ldflags + extra_cuda_cflags)}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    where = build_dir(name, sources, extra_cflags, extra_ldflags, extra_cuda_cflags)
+    where.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=[str(p) for p in paths],
@@ -81,6 +89,6 @@ def load(name: str, sources: tuple[str, ...], extra_cflags: tuple[str, ...] = ("
         extra_ldflags=list(extra_ldflags),
         extra_cuda_cflags=list(extra_cuda_cflags) or None,
         extra_include_paths=[str(CSRC)],
-        build_directory=str(build_dir),
+        build_directory=str(where),
         verbose=os.environ.get("SEGFORMER_FAST_VERBOSE_BUILD") == "1",
     )
