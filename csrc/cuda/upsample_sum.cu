@@ -340,7 +340,7 @@ cudaError_t upsample_sum_epilogue_bwd(DType dtype, const UpsampleParams& p, floa
     using T = decltype(zero);
     constexpr int V = 16 / sizeof(T);
     return u::vector_width<T>(p, true) == V ? u::epilogue_bwd<T, V>(p, part, dvec, stream)
-                                         : u::epilogue_bwd<T, 1>(p, part, dvec, stream);
+                                            : u::epilogue_bwd<T, 1>(p, part, dvec, stream);
   });
 }
 
@@ -354,7 +354,7 @@ cudaError_t upsample_adjoint_1d(DType dtype_in, DType dtype_out, const void* dz,
       using To = decltype(zout);
       const bool vec = inner % 4 == 0 && u::aligned(dz, 4 * sizeof(Ti)) && u::aligned(dx, 4 * sizeof(To));
       u::AdjointParams a{outer, l_out, l_in, inner, u::window(l_in, l_out), 0, u::ratio(l_in, l_out),
-                      float(double(l_out) / l_in)};
+                         float(double(l_out) / l_in)};
       a.tpx = u::lanes_for(u::cdiv(inner, vec ? 4 : 1));
       return vec ? u::adjoint<Ti, To, 4>(dz, dx, B, a, stream) : u::adjoint<Ti, To, 1>(dz, dx, B, a, stream);
     });
