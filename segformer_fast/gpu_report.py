@@ -224,7 +224,10 @@ def step_sanitizer(r: Report) -> dict:
         cmd = inner if tool is None else [sanitizer, "--tool", tool, "--error-exitcode", "86",
                                           "--print-limit", "100", *inner]
         log = r.logs / f"sanitizer-{name}.log"
-        rc, secs = _run(cmd, log, min(r.timeout("sanitizer"), r.left() - 5), r.env)
+        # no caching allocator: every tensor its own cudaMalloc, so memcheck sees out-of-bounds
+        # accesses that would otherwise land inside a pooled segment
+        env = {**r.env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        rc, secs = _run(cmd, log, min(r.timeout("sanitizer"), r.left() - 5), env)
         text = log.read_text(errors="replace") if log.exists() else ""
         m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
         cases = (_read_json(case_json) or {}).get("rows", [])
@@ -722,7 +725,7 @@ def summary(out: Path) -> str:
 def add_arguments(p) -> None:
     """The ``gpu-report`` subcommand's options."""
     p.add_argument("--out", help="results folder (default benchmarks/results/gpu/<date>-<gpu>, or "
-                                 "benchmarks/results/gpu/dry-run on --dry-run)")
+                                 "benchmarks/results/dry-run on --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny shapes (interpreter, "
                                                           "emulation): checks the runner, produces no GPU numbers")
     p.add_argument("--budget-min", type=float, default=25.0, help="wall-time budget in minutes (default 25)")
@@ -734,7 +737,7 @@ def _default_out(dry_run: bool) -> Path:
     import torch
 
     if dry_run or not torch.cuda.is_available():
-        return ROOT / "benchmarks" / "results" / "gpu" / "dry-run"
+        return ROOT / "benchmarks" / "results" / "dry-run"
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
     return ROOT / "benchmarks" / "results" / "gpu" / f"{time.strftime('%Y-%m-%d')}-{gpu}"
 
