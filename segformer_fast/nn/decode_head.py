@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.upsample_sum import upsample_sum
+from ._onednn import linear, usable
 from ._parts import hookless, plain
 
 __all__ = ["HeadParts", "folded_head", "head_unfusable"]
@@ -143,6 +144,12 @@ def _folded(p: HeadParts, features: Sequence[Tensor], cache: dict):
     return cache["value"]
 
 
+def _pointwise(conv) -> bool:
+    """A plain 1x1 conv that is exactly a per-pixel linear map."""
+    return (plain(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1)
+
+
 def folded_head(features: Sequence[Tensor], p: HeadParts, *, cache: dict,
                 size: tuple[int, int] | None = None, backend: str | None = None) -> Tensor:
     """The head's output for stage features (B, C_i, H_i, W_i), stage 1 first, with
@@ -172,13 +179,21 @@ def folded_head(features: Sequence[Tensor], p: HeadParts, *, cache: dict,
         # weights sum to one, so upsampling carries a constant through unchanged.
         b = bias if i == len(stages) - 1 else None
         if st[0] in ("w", "f"):
-            y = F.linear(tokens, st[1], b)
+            y = linear(tokens, st[1], b, backend)
         else:
-            y = F.linear(F.linear(tokens, st[1]), st[2], b)
+            y = linear(linear(tokens, st[1], None, backend), st[2], b, backend)
         maps.append(y)
         hws.append((f.shape[2], f.shape[3]))
     relu = bn_folded and plain(p.act, nn.ReLU)             # fused into the upsample-sum
     x = upsample_sum(maps, hws, (H, W), relu=relu, backend=backend)
+    if (p.classifier is not None and _pointwise(p.classifier) and (p.bn is None or bn_folded)
+            and (p.act is None or relu) and (p.dropout is None or not p.dropout.training)
+            and usable(x, p.classifier.weight, p.classifier.bias, backend)):
+        # the 1x1 classifier as one GEMM on the tokens: the stock conv2d on their channels-last
+        # view took the slow im2col path in fp32 (2x slower on the 2-core AVX-512 CPU)
+        K = p.classifier.weight.shape[0]
+        y = linear(x, p.classifier.weight.view(K, D), p.classifier.bias, backend)
+        return y.view(B, H, W, K).permute(0, 3, 1, 2)        # NCHW view, channels-last memory
     x = x.view(B, H, W, D).permute(0, 3, 1, 2)              # NCHW view, channels-last memory
     if p.bn is not None and not bn_folded:
         x = p.bn(x)         # the original module: batch statistics and running-buffer updates

@@ -23,6 +23,7 @@ from ..nn.mix_ffn import dwconv_act, dwconv_act_unfusable
 from ..nn.patch_embed import conv_layernorm_tokens, conv_layernorm_unfusable
 from ._match import Rule, backend_of, cache_of, checked, class_named, stock_forward
 from ..nn._parts import hookless
+from ..nn._onednn import linear_module
 
 NAME = "huggingface"
 
@@ -61,8 +62,9 @@ def attention_forward(self, hidden_states, height, width, attention_mask=None, *
         return stock_forward(self, hidden_states, height, width, attention_mask, **kwargs)
     bk = backend_of(self)
     sr = getattr(self, "sequence_reduction", None) if self.sequence_reduction_ratio > 1 else None
-    q = self.q_proj
-    kv = lambda t: (self.k_proj(t), self.v_proj(t))     # noqa: E731  (modules: LoRA, hooks)
+    # plain nn.Linear through oneDNN on CPU inference; other modules (LoRA, hooks) are called
+    q, k, v, o = (linear_module(m, bk) for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+    kv = lambda t: (k(t), v(t))     # noqa: E731
     if sr is not None and not hookless(sr):             # hooks on the reduction wrapper: call it
         x_kv = sr(hidden_states, height, width)
         out = spatial_reduction_attention(hidden_states, height, width, q=q, kv=lambda t: kv(x_kv),
@@ -73,7 +75,7 @@ def attention_forward(self, hidden_states, height, width, attention_mask=None, *
             hidden_states, height, width, q=q, kv=kv, num_heads=self.num_attention_heads,
             scale=self.scaling, sr=None if sr is None else sr.sequence_reduction,
             norm=None if sr is None else sr.layer_norm, backend=bk)
-    return self.o_proj(out), None
+    return o(out), None
 
 
 def legacy_attention_forward(self, hidden_states, height, width, output_attentions=False):
@@ -95,6 +97,7 @@ def mix_ffn_forward(self, hidden_states, height, width):
     dense1/intermediate_act_fn/dense2): fc1 -> dwconv + act (fused) -> dropout -> fc2 -> dropout."""
     legacy = hasattr(self, "dense1")
     fc1, fc2 = (self.dense1, self.dense2) if legacy else (self.fc1, self.fc2)
+    fc1, fc2 = linear_module(fc1, backend_of(self)), linear_module(fc2, backend_of(self))
     act = self.intermediate_act_fn if legacy else self.activation_fn
     h = fc1(hidden_states)
     conv = self.dwconv.dwconv if hookless(self.dwconv) else None     # hooks on the wrapper: call it
