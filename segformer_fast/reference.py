@@ -20,6 +20,7 @@ __all__ = [
     "nchw_to_tokens",
     "mlp_head_fuse",
     "upsample_sum",
+    "resize_argmax",
 ]
 
 
@@ -134,3 +135,19 @@ def upsample_sum(maps: Sequence[Tensor], hws: Sequence[tuple[int, int]], size: t
         total = torch.relu(total)
     return total
 
+
+
+def resize_argmax(logits: Tensor, size: tuple[int, int], align_corners: bool = False, *,
+                  return_scores: bool = False):
+    """Semantic segmentation post-processing: class logits (B, K, h, w) -> labels (B, H, W) int64.
+
+    ``F.interpolate(logits.float(), size, mode="bilinear", align_corners=align_corners)`` then
+    ``argmax`` over the K classes (the first index among equal maxima; a NaN score wins, as in
+    ``torch.argmax``). With ``return_scores`` also the winning fp32 scores (B, H, W). Materialises the
+    full-resolution (B, K, H, W) logits: the fused op exists to avoid exactly that.
+    """
+    up = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=align_corners)
+    labels = up.argmax(1)
+    if return_scores:
+        return labels, up.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return labels

@@ -8,5 +8,6 @@ from .conv_layernorm import conv_layernorm
 from .dwconv_gelu import dwconv_gelu
 from .sra_attention import sra_attention
 from .upsample_sum import upsample_sum
+from .resize_argmax import resize_argmax
 
-__all__ = ["sra_attention", "dwconv_gelu", "conv_layernorm", "upsample_sum"]
+__all__ = ["sra_attention", "dwconv_gelu", "conv_layernorm", "upsample_sum", "resize_argmax"]
