@@ -6,4 +6,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bilinear upsample-sum + per-channel affine + ReLU, fp32/bf16 inference (ops.upsample_sum)");
   m.def("cpu_isa", &cpu_isa, "instruction set of the next kernel call: avx512 or portable "
         "(SEGFORMER_FAST_CPU_ISA=portable forces the fallback)");
+  m.def("resize_argmax_forward", &resize_argmax_forward,
+        "bilinear resize + argmax over classes in one pass, labels (+ scores) (ops.resize_argmax)");
 }

@@ -14,3 +14,11 @@ torch::Tensor upsample_sum_forward(const std::vector<torch::Tensor>& maps, const
 
 // The instruction set the kernels run with on this call: "avx512" or "portable" (cpu/isa.h).
 const char* cpu_isa();
+
+// segformer_fast.ops.resize_argmax, inference: logits (B, K, h, w) contiguous fp32/bf16/fp16; the
+// op's index (int32) and weight (fp32) tables along H (H,) and W (W,) -> labels (B, H, W) int64 and
+// the winning fp32 scores (B, H, W) (an empty tensor unless return_scores).
+std::tuple<torch::Tensor, torch::Tensor> resize_argmax_forward(
+    const torch::Tensor& logits, const torch::Tensor& yi0, const torch::Tensor& yi1, const torch::Tensor& wy0,
+    const torch::Tensor& wy1, const torch::Tensor& xi0, const torch::Tensor& xi1, const torch::Tensor& wx0,
+    const torch::Tensor& wx1, int64_t H, int64_t W, bool return_scores);

@@ -135,16 +135,19 @@ def _torch_impl(logits, size, align_corners, return_scores):
     xi0, xi1 = xi0.long(), xi1.long()
     labels = torch.empty((B, H, W), dtype=torch.int64, device=logits.device)
     scores = torch.empty((B, H, W), dtype=torch.float32, device=logits.device) if return_scores else None
-    rows = max(1, _TORCH_CHUNK // max(1, B * K * W))
+    # output rows per chunk; a downsampling chunk reads ~h/H source rows per output row
+    rows = max(1, _TORCH_CHUNK // (B * K * W * max(1, -(-h // H))))
+    cpu_y0, cpu_y1 = _axis_cpu(h, H, align_corners)[:2]       # host copies: no device sync
     for r in range(0, H, rows):
         e = min(H, r + rows)
-
-        def horizontal(idx):       # source rows idx, interpolated along W: (B, K, e - r, W) fp32
-            src = logits.index_select(2, idx[r:e].long()).float()
-            return src.index_select(3, xi0) * wx0 + src.index_select(3, xi1) * wx1
-
-        t = horizontal(yi0).mul_(wy0[r:e, None])
-        t.add_(horizontal(yi1).mul_(wy1[r:e, None]))
+        # the source rows this chunk reads (the index tables are non-decreasing), interpolated along
+        # W once each: (B, K, n, W) fp32
+        lo, hi = int(cpu_y0[r]), int(cpu_y1[e - 1]) + 1
+        src = logits[:, :, lo:hi].float()
+        t = src.index_select(3, xi0).mul_(wx0).add_(src.index_select(3, xi1).mul_(wx1))
+        # then along H: the two source rows of each output row, blended
+        t = (t.index_select(2, (yi0[r:e] - lo).long()).mul_(wy0[r:e, None])
+             .add_(t.index_select(2, (yi1[r:e] - lo).long()).mul_(wy1[r:e, None])))
         # max over classes: the first index of the maximum (NaN counts as the maximum), as argmax
         s, lab = t.max(1)
         labels[:, r:e] = lab
