@@ -16,6 +16,7 @@ KERNELS = {
     "_conv_ln_fwd_kernel", "_conv_ln_bwd_kernel",                                 # conv_layernorm
     "_fwd_kernel", "_bwd_act_kernel", "_bwd_conv_kernel", "_reduce_kernel",       # dwconv_gelu
     "_upsample_sum_fwd_kernel", "_epilogue_bwd_kernel", "_upsample_adjoint_kernel",  # upsample_sum
+    "_resize_argmax_kernel",                                                      # resize_argmax
 }
 
 

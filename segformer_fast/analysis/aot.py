@@ -154,6 +154,16 @@ def segformer_launches(variant: str, size: tuple[int, int], dtype: torch.dtype, 
             for hw in hws[1:]:
                 us.upsample_adjoint(dz, hw, hws[0], e)
             tag(f"decode_head.{mode}")
+
+        # post-processing: 150-class logits at the stage-1 grid -> labels at the image size
+        from ..kernels.triton import resize_argmax as ra
+        H, W = size
+        tables = [_meta(n, dtype=dt) for n in (H, W) for dt in (torch.int32, torch.int32, torch.float32,
+                                                                 torch.float32)]
+        yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1 = tables
+        ra.resize_argmax_fwd(_meta(B, 150, *hws[0], dtype=e), yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1,
+                             (H, W), True)
+        tag("postprocess")
     return out
 
 
