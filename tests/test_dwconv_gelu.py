@@ -66,13 +66,26 @@ def test_triton_contract(case, launches, device):
                    name=f"triton {case}")
     assert launches == {"forward": 1, "backward": 1}
     main = case == "11x19_c72_b2" or case in GPU_CASES   # also fp16 backward and bf16 I/O
+    # bf16 at large magnitude: rounding of the stored bf16 values dominates the error there
+    bf16 = main or case == "7x13_c100_large"
     res += check_op(_with("triton"), reference.dwconv_gelu, args, torch.float16, backward=main,
                     name=f"triton {case}")
     assert launches["forward"] == 2
-    if main:
-        res += check_op(_with("triton"), reference.dwconv_gelu, args, torch.bfloat16, backward=False,
+    if bf16:
+        res += check_op(_with("triton"), reference.dwconv_gelu, args, torch.bfloat16, backward=main,
                         name=f"triton {case}")
     print(*res, sep="\n")
+
+
+def test_triton_bf16_outputs_round_to_nearest(device):
+    """Computed in fp32, stored once in bf16: the error is one round-to-nearest of the output, no
+    more than PyTorch's own bf16 result has. (The interpreter truncates fp32 -> bf16 on store;
+    the launchers give it fp32 buffers and round with torch, as a GPU rounds: without that, this
+    case shows ~1.8x PyTorch's error, which the 2x contract bound alone would let through.)"""
+    args = make_args(*CASES["7x13_c100_large"], device=device)
+    (fwd,) = check_op(_with("triton"), reference.dwconv_gelu, args, torch.bfloat16, backward=False,
+                      name="triton bf16 x30")
+    assert fwd.err <= 1.1 * fwd.pt_err, fwd
 
 
 def test_triton_no_bias(launches, device):

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LaunchConfig, load_vec, pow2_block, row_tile
+from .common import LaunchConfig, load_vec, pow2_block, row_tile, store_buffer, stored
 
 # Module constants used inside @triton.jit must be constexpr (the compiler refuses plain globals).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)        # 1/sqrt(2)
@@ -230,12 +230,12 @@ def forward(x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias: torch.T
             approximate: str) -> torch.Tensor:
     """y = gelu(dwconv3x3(x) + bias) on contiguous tokens x (B, H*W, C)."""
     B, N, C = x.shape
-    y = torch.empty_like(x)
+    y = store_buffer(x)
     cfg = launch_config("fwd", C)
     grid = (triton.cdiv(N, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
     _fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, N, H, W, C,
                       HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **cfg.kwargs())
-    return y
+    return stored(y, x.dtype)
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Tensor,
@@ -245,11 +245,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Te
     ``partial_rows`` overrides the number of backward-conv programs along the token axis
     (tests use it to exercise the multi-tile loop on tiny shapes)."""
     B, N, C = x.shape
-    g = torch.empty_like(x)
+    g = store_buffer(x)
     cfg = launch_config("bwd_act", C)
     grid = (triton.cdiv(N, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
     _bwd_act_kernel[grid](x, weight, bias if bias is not None else weight, dy, g, N, H, W, C,
                           HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **cfg.kwargs())
+    g = stored(g, x.dtype)          # the GPU keeps g in the input dtype: so does the interpreter
 
     cfg = launch_config("bwd_conv", C)
     num_ptiles = triton.cdiv(N, cfg["BLOCK_P"])
@@ -257,7 +258,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Te
     G = partial_rows if partial_rows is not None else bwd_partial_rows(B, N, C)
     G = max(1, min(G, T))
     iters = triton.cdiv(T, G)
-    dx = torch.empty_like(x)
+    dx = store_buffer(x)
     part = torch.empty((G, 10, C), device=x.device, dtype=torch.float32)
     _bwd_conv_kernel[(G, triton.cdiv(C, cfg["BLOCK_C"]))](
         x, g, weight, dx, part, N, H, W, C, T, num_ptiles, iters, **cfg.kwargs())
@@ -268,4 +269,4 @@ def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Te
     _reduce_kernel[(triton.cdiv(C, cfg["BLOCK_C"]),)](part, dw, db, G, C, **cfg.kwargs())
     dweight = dw.to(weight.dtype)
     dbias = db.to(bias.dtype if bias is not None else weight.dtype)
-    return dx, dweight, dbias
+    return stored(dx, x.dtype), dweight, dbias
