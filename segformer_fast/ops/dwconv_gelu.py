@@ -87,44 +87,11 @@ def _torch_impl(x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None, 
 # ---------------------------------------------------------------------------------------------
 # triton backend: custom ops (so torch.compile traces without a graph break) + autograd.
 
-def _kernels():
-    from ..kernels.triton import dwconv_gelu as k
-    return k
-
-
-@torch.library.custom_op("segformer_fast::dwconv_gelu", mutates_args=())
-def _dwconv_gelu_op(x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None,
-                    approximate: str) -> Tensor:
-    return _kernels().forward(x.contiguous(), H, W, weight.contiguous(),
-                              None if bias is None else bias.contiguous(), approximate)
-
-
-@_dwconv_gelu_op.register_fake
-def _(x, H, W, weight, bias, approximate):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("segformer_fast::dwconv_gelu_backward", mutates_args=())
-def _dwconv_gelu_bwd_op(grad: Tensor, x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None,
-                        approximate: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().backward(grad.contiguous(), x.contiguous(), H, W, weight.contiguous(),
-                               None if bias is None else bias.contiguous(), approximate)
-
-
 def _setup_context(ctx, inputs, output):
     x, H, W, weight, bias, approximate = inputs
     # Only the inputs: the pre-activation is recomputed in the backward (it re-reads x anyway).
     ctx.save_for_backward(x, weight, bias)
     ctx.H, ctx.W, ctx.approximate = H, W, approximate
-
-
-def _backward_with(bwd_op):
-    """The autograd backward of a forward op whose backward op is ``bwd_op`` (triton or cuda)."""
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = bwd_op(grad, x, ctx.H, ctx.W, weight, bias, ctx.approximate)
-        return dx, None, None, dw, (db if bias is not None else None), None
-    return backward
 
 
 def _bwd_fake(grad, x, H, W, weight, bias, approximate):
@@ -133,40 +100,50 @@ def _bwd_fake(grad, x, H, W, weight, bias, approximate):
             weight.new_empty((C,)) if bias is None else bias.new_empty(bias.shape))
 
 
-_dwconv_gelu_bwd_op.register_fake(_bwd_fake)
-_dwconv_gelu_op.register_autograd(_backward_with(_dwconv_gelu_bwd_op), setup_context=_setup_context)
-register_autocast(_dwconv_gelu_op, "lower")
-register_autocast(_dwconv_gelu_bwd_op, "keep")
+def _opt(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
 
 
-# ---------------------------------------------------------------------------------------------
-# cuda backend: the CUDA C++ twin (csrc/cuda/dwconv_gelu.cu), own op names so that traced graphs
-# say which kernels they call; same autograd, fakes and autocast policy as the triton pair.
+def _kernel_ops(name: str, launchers):
+    """The forward/backward custom ops of one kernel backend: ``launchers()`` returns its
+    (forward, backward) launchers, looked up at call time. Each backend gets its own op names
+    (``segformer_fast::dwconv_gelu``, ``segformer_fast::cuda_dwconv_gelu``) so traced graphs say
+    which kernels they call; fakes, autograd and autocast are the same."""
+    @torch.library.custom_op(f"segformer_fast::{name}", mutates_args=())
+    def fwd(x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+        return launchers()[0](x.contiguous(), H, W, weight.contiguous(), _opt(bias), approximate)
 
-@torch.library.custom_op("segformer_fast::cuda_dwconv_gelu", mutates_args=())
-def _cuda_fwd(x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
-    from ..kernels.cuda import dwconv_gelu_fwd
-    return dwconv_gelu_fwd(x.contiguous(), H, W, weight.contiguous(),
-                           None if bias is None else bias.contiguous(), approximate)
+    @torch.library.custom_op(f"segformer_fast::{name}_backward", mutates_args=())
+    def bwd(grad: Tensor, x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None,
+            approximate: str) -> tuple[Tensor, Tensor, Tensor]:
+        return launchers()[1](grad.contiguous(), x.contiguous(), H, W, weight.contiguous(), _opt(bias),
+                              approximate)
+
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = bwd(grad, x, ctx.H, ctx.W, weight, bias, ctx.approximate)
+        return dx, None, None, dw, (db if bias is not None else None), None
+
+    fwd.register_fake(lambda x, H, W, weight, bias, approximate: x.new_empty(x.shape))
+    bwd.register_fake(_bwd_fake)
+    fwd.register_autograd(backward, setup_context=_setup_context)
+    register_autocast(fwd, "lower")
+    register_autocast(bwd, "keep")
+    return fwd
 
 
-@_cuda_fwd.register_fake
-def _(x, H, W, weight, bias, approximate):
-    return x.new_empty(x.shape)
+def _triton_launchers():
+    from ..kernels.triton import dwconv_gelu as k
+    return k.forward, k.backward
 
 
-@torch.library.custom_op("segformer_fast::cuda_dwconv_gelu_backward", mutates_args=())
-def _cuda_bwd(grad: Tensor, x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor | None,
-              approximate: str) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.cuda import dwconv_gelu_bwd
-    return dwconv_gelu_bwd(grad.contiguous(), x.contiguous(), H, W, weight.contiguous(),
-                           None if bias is None else bias.contiguous(), approximate)
+def _cuda_launchers():          # the CUDA C++ twin, csrc/cuda/dwconv_gelu.cu
+    from ..kernels.cuda import dwconv_gelu_bwd, dwconv_gelu_fwd
+    return dwconv_gelu_fwd, dwconv_gelu_bwd
 
 
-_cuda_bwd.register_fake(_bwd_fake)
-_cuda_fwd.register_autograd(_backward_with(_cuda_bwd), setup_context=_setup_context)
-register_autocast(_cuda_fwd, "lower")
-register_autocast(_cuda_bwd, "keep")
+_dwconv_gelu_op = _kernel_ops("dwconv_gelu", _triton_launchers)
+_cuda_fwd = _kernel_ops("cuda_dwconv_gelu", _cuda_launchers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,29 +59,13 @@ def _triton_ready(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# ---------------------------------------------------------------- triton: torch.library op
-@torch.library.custom_op("segformer_fast::sra_attention_fwd", mutates_args=())
-def _sra_fwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
-    from ..kernels.triton.sra_attention import sra_attention_fwd
-    return sra_attention_fwd(_triton_ready(q), _triton_ready(k), _triton_ready(v), num_heads, scale)
-
-
-@_sra_fwd.register_fake
-def _(q, k, v, num_heads, scale):
+# ---------------------------------------------------------------- kernel backends: custom ops
+def _fwd_fake(q, k, v, num_heads, scale):
     B, N, C = q.shape
     return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("segformer_fast::sra_attention_bwd", mutates_args=())
-def _sra_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_heads: int,
-             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.triton.sra_attention import sra_attention_bwd
-    return sra_attention_bwd(_triton_ready(do), _triton_ready(q), _triton_ready(k), _triton_ready(v),
-                             lse, num_heads, scale)
-
-
-@_sra_bwd.register_fake
-def _(do, q, k, v, lse, num_heads, scale):
+def _bwd_fake(do, q, k, v, lse, num_heads, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -93,54 +77,47 @@ def _setup_context(ctx, inputs, output):
     ctx.num_heads, ctx.scale = num_heads, scale
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, lse = ctx.saved_tensors
-    dq, dk, dv = _sra_bwd(do, q, k, v, lse, ctx.num_heads, ctx.scale)
-    return dq, dk, dv, None, None
+def _kernel_ops(prefix: str, launchers):
+    """The forward/backward custom ops of one kernel backend: ``launchers()`` returns its
+    (forward, backward) launchers, both with the Triton kernels' contract (O and the fp32 row LSE;
+    deterministic dK/dV). Each backend gets its own op names (``segformer_fast::sra_attention_fwd``,
+    ``segformer_fast::cuda_sra_attention_fwd``) so traced graphs say which kernels they call;
+    fakes, autograd and autocast are the same."""
+    @torch.library.custom_op(f"segformer_fast::{prefix}sra_attention_fwd", mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+        return launchers()[0](_triton_ready(q), _triton_ready(k), _triton_ready(v), num_heads, scale)
+
+    @torch.library.custom_op(f"segformer_fast::{prefix}sra_attention_bwd", mutates_args=())
+    def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_heads: int,
+            scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        return launchers()[1](_triton_ready(do), _triton_ready(q), _triton_ready(k), _triton_ready(v),
+                              lse, num_heads, scale)
+
+    def backward(ctx, do, dlse):
+        q, k, v, lse = ctx.saved_tensors
+        dq, dk, dv = bwd(do, q, k, v, lse, ctx.num_heads, ctx.scale)
+        return dq, dk, dv, None, None
+
+    fwd.register_fake(_fwd_fake)
+    bwd.register_fake(_bwd_fake)
+    fwd.register_autograd(backward, setup_context=_setup_context)
+    register_autocast(fwd, "lower")
+    register_autocast(bwd, "keep")
+    return fwd
 
 
-_sra_fwd.register_autograd(_backward, setup_context=_setup_context)
-register_autocast(_sra_fwd, "lower")
-register_autocast(_sra_bwd, "keep")
+def _triton_launchers():
+    from ..kernels.triton.sra_attention import sra_attention_bwd, sra_attention_fwd
+    return sra_attention_fwd, sra_attention_bwd
 
 
-# ---------------------------------------------------------------- cuda: CUDA C++ kernels (csrc/cuda)
-# Same contract as the Triton pair (O and the fp32 base-2 LSE; deterministic dK/dV), own op names
-# so that traced graphs say which kernels they call.
-@torch.library.custom_op("segformer_fast::cuda_sra_attention_fwd", mutates_args=())
-def _cuda_fwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
-    from ..kernels.cuda import sra_attention_fwd
-    return sra_attention_fwd(_triton_ready(q), _triton_ready(k), _triton_ready(v), num_heads, scale)
+def _cuda_launchers():          # the CUDA C++ kernels of csrc/cuda/sra_attention.cu
+    from ..kernels.cuda import sra_attention_bwd, sra_attention_fwd
+    return sra_attention_fwd, sra_attention_bwd
 
 
-@_cuda_fwd.register_fake
-def _(q, k, v, num_heads, scale):
-    B, N, C = q.shape
-    return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
-
-
-@torch.library.custom_op("segformer_fast::cuda_sra_attention_bwd", mutates_args=())
-def _cuda_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_heads: int,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.cuda import sra_attention_bwd
-    return sra_attention_bwd(_triton_ready(do), _triton_ready(q), _triton_ready(k), _triton_ready(v),
-                             lse, num_heads, scale)
-
-
-@_cuda_bwd.register_fake
-def _(do, q, k, v, lse, num_heads, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _cuda_backward(ctx, do, dlse):
-    q, k, v, lse = ctx.saved_tensors
-    dq, dk, dv = _cuda_bwd(do, q, k, v, lse, ctx.num_heads, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_cuda_fwd.register_autograd(_cuda_backward, setup_context=_setup_context)
-register_autocast(_cuda_fwd, "lower")
-register_autocast(_cuda_bwd, "keep")
+_sra_fwd = _kernel_ops("", _triton_launchers)
+_cuda_fwd = _kernel_ops("cuda_", _cuda_launchers)
 
 
 # ---------------------------------------------------------------- torch: stock SDPA
