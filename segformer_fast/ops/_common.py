@@ -63,6 +63,16 @@ def autocast_policy(fn):
 _LIB = torch.library.Library("segformer_fast", "IMPL")   # kept alive: owns the autocast kernels
 
 
+def register_pair(fwd, bwd, fwd_fake, bwd_fake, backward, setup_context) -> None:
+    """Fakes, autograd and autocast of one forward/backward custom-op pair (a kernel backend):
+    the forward casts under autocast, the backward runs in the dtypes autograd hands it."""
+    fwd.register_fake(fwd_fake)
+    bwd.register_fake(bwd_fake)
+    fwd.register_autograd(backward, setup_context=setup_context)
+    register_autocast(fwd, "lower")
+    register_autocast(bwd, "keep")
+
+
 def register_autocast(op, policy: str) -> None:
     """Register ``op``'s autocast kernels (CPU and CUDA). ``policy``: "lower" (cast floating inputs
     to the autocast dtype: forward ops), "keep" (run as given: backward ops), "fp32" (run in fp32,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import GPU_FLOATS, Impl, register, triton_impl
-from ._common import autocast_policy, choose, cuda_limits, needs_grad, register_autocast, size_pair
+from ._common import autocast_policy, choose, cuda_limits, needs_grad, register_pair, size_pair
 
 __all__ = ["dwconv_gelu"]
 
@@ -124,11 +124,7 @@ def _kernel_ops(name: str, launchers):
         dx, dw, db = bwd(grad, x, ctx.H, ctx.W, weight, bias, ctx.approximate)
         return dx, None, None, dw, (db if bias is not None else None), None
 
-    fwd.register_fake(lambda x, H, W, weight, bias, approximate: x.new_empty(x.shape))
-    bwd.register_fake(_bwd_fake)
-    fwd.register_autograd(backward, setup_context=_setup_context)
-    register_autocast(fwd, "lower")
-    register_autocast(bwd, "keep")
+    register_pair(fwd, bwd, lambda x, H, W, weight, bias, approximate: x.new_empty(x.shape), _bwd_fake, backward, _setup_context)
     return fwd
 
 

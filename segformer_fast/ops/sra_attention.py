@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import GPU_FLOATS, Impl, Inputs, register, triton_impl
-from ._common import autocast_policy, choose, needs_grad, register_autocast
+from ._common import autocast_policy, choose, needs_grad, register_pair
 
 __all__ = ["sra_attention"]
 
@@ -98,11 +98,7 @@ def _kernel_ops(prefix: str, launchers):
         dq, dk, dv = bwd(do, q, k, v, lse, ctx.num_heads, ctx.scale)
         return dq, dk, dv, None, None
 
-    fwd.register_fake(_fwd_fake)
-    bwd.register_fake(_bwd_fake)
-    fwd.register_autograd(backward, setup_context=_setup_context)
-    register_autocast(fwd, "lower")
-    register_autocast(bwd, "keep")
+    register_pair(fwd, bwd, _fwd_fake, _bwd_fake, backward, _setup_context)
     return fwd
 
 
