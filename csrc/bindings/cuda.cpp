@@ -13,6 +13,7 @@
 #include "cuda/conv_layernorm.h"
 #include "cuda/dwconv_gelu.h"
 #include "cuda/upsample_sum.h"
+#include "cuda/resize_argmax.h"
 
 #if defined(SF_CUDA_EMULATE)
 #include "cuda/emu/selftest.h"
@@ -438,6 +439,49 @@ void emu_selftest(const std::string& name, const at::Tensor& in, at::Tensor out,
 }
 #endif
 
+// ---------------------------------------------------------------------------- resize + argmax
+// logits (B, K, h, w) contiguous float32/float16/bfloat16; the op's int32 index and fp32 weight
+// tables (H,) and (W,) -> labels (B, H, W) int64 and scores (B, H, W) fp32 (empty unless asked)
+std::tuple<at::Tensor, at::Tensor> resize_argmax_fwd(const at::Tensor& logits, const at::Tensor& yi0,
+                                                     const at::Tensor& yi1, const at::Tensor& wy0,
+                                                     const at::Tensor& wy1, const at::Tensor& xi0,
+                                                     const at::Tensor& xi1, const at::Tensor& wx0,
+                                                     const at::Tensor& wx1, int64_t H, int64_t W,
+                                                     bool return_scores) {
+  TORCH_CHECK(on_device(logits) && logits.dim() == 4 && logits.is_contiguous() && is_gpu_float(logits),
+              "resize_argmax (cuda): logits must be contiguous float32/float16/bfloat16 (B, K, h, w) on ",
+              kDevice, ", got ", logits.sizes(), " ", logits.scalar_type());
+  TORCH_CHECK(H >= 1 && W >= 1 && logits.size(0) <= 65535 && logits.size(0) * H * W < (int64_t(1) << 31) &&
+                  logits.numel() < (int64_t(1) << 31),
+              "resize_argmax (cuda): bad output size, batch over 65535 or 2^31 or more elements");
+  const at::Tensor* idx[4] = {&yi0, &yi1, &xi0, &xi1};
+  const at::Tensor* wts[4] = {&wy0, &wy1, &wx0, &wx1};
+  for (int i = 0; i < 4; ++i) {
+    const int64_t n = i < 2 ? H : W;
+    TORCH_CHECK(idx[i]->scalar_type() == at::kInt && idx[i]->is_contiguous() && idx[i]->numel() == n &&
+                    wts[i]->scalar_type() == at::kFloat && wts[i]->is_contiguous() && wts[i]->numel() == n &&
+                    idx[i]->device() == logits.device() && wts[i]->device() == logits.device(),
+                "resize_argmax (cuda): tables must be contiguous int32/float32 (H,) and (W,) on the logits' device");
+  }
+  Guard guard(logits);
+  const int64_t B = logits.size(0);
+  at::Tensor labels = at::empty({B, H, W}, logits.options().dtype(at::kLong));
+  at::Tensor scores = return_scores ? at::empty({B, H, W}, logits.options().dtype(at::kFloat))
+                                    : at::empty({0}, logits.options().dtype(at::kFloat));
+  sf_cuda::ResizeArgmaxParams p{};
+  p.logits = logits.data_ptr();
+  p.yi0 = yi0.data_ptr<int>(); p.yi1 = yi1.data_ptr<int>();
+  p.wy0 = wy0.data_ptr<float>(); p.wy1 = wy1.data_ptr<float>();
+  p.xi0 = xi0.data_ptr<int>(); p.xi1 = xi1.data_ptr<int>();
+  p.wx0 = wx0.data_ptr<float>(); p.wx1 = wx1.data_ptr<float>();
+  p.labels = labels.data_ptr<int64_t>();
+  p.scores = return_scores ? scores.data_ptr<float>() : nullptr;
+  p.B = int(B); p.K = int(logits.size(1)); p.h = int(logits.size(2)); p.w = int(logits.size(3));
+  p.H = int(H); p.W = int(W);
+  launch_check(sf_cuda::resize_argmax_fwd(dtype_of(logits), p, stream_of(logits)), "resize_argmax", "launch");
+  return {labels, scores};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sra_attention_fwd", &sra_attention_fwd, "spatial-reduction attention forward -> (O, LSE)");
   m.def("sra_attention_bwd", &sra_attention_bwd, "spatial-reduction attention backward -> (dQ, dK, dV)");
@@ -449,6 +493,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_sum_epilogue_bwd", &upsample_sum_epilogue_bwd,
         "upsample_sum epilogue backward -> (dz fp32, dbias, dscale, dshift)");
   m.def("upsample_adjoint", &upsample_adjoint, "adjoint of bilinear upsampling (separable gather)");
+  m.def("resize_argmax_fwd", &resize_argmax_fwd, "bilinear resize + argmax over classes -> (labels, scores)");
 #if defined(SF_CUDA_EMULATE)
   m.def("emu_configure", &emu_configure, "CUDA emulation: block order, seed, worker threads, arch",
         pybind11::arg("order") = "sequential", pybind11::arg("seed") = 0, pybind11::arg("workers") = 1,

@@ -21,7 +21,7 @@ import torch
 EMULATE_ENV = "SEGFORMER_FAST_CUDA_EMULATE"
 
 GPU_SOURCES = ("bindings/cuda.cpp", "cuda/sra_attention.cu", "cuda/conv_layernorm.cu",
-               "cuda/dwconv_gelu.cu", "cuda/upsample_sum.cu")
+               "cuda/dwconv_gelu.cu", "cuda/upsample_sum.cu", "cuda/resize_argmax.cu")
 # .cpp translation units only: a CPU-only torch refuses .cu sources (kernels.cpp includes them)
 EMU_SOURCES = ("bindings/cuda.cpp", "cuda/emu/runtime.cpp", "cuda/emu/kernels.cpp")
 GPU_CFLAGS = ("-O3",)
@@ -176,3 +176,10 @@ def upsample_adjoint(dz: torch.Tensor, hw, size, dtype: torch.dtype) -> torch.Te
     """Gradient (B, h*w, D) in ``dtype`` of a map (h, w) upsampled to ``size``, from dz (B, H*W, D):
     separable gathers along W then H (each element written once: deterministic)."""
     return native(dz.device).upsample_adjoint(dz.contiguous(), hw[0], hw[1], size[0], size[1], dtype)
+
+
+def resize_argmax_fwd(logits, yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1, size, return_scores: bool):
+    """logits (B, K, h, w) contiguous; the op's index/weight tables (ops/resize_argmax.axis_tables)
+    -> (labels (B, H, W) int64, scores (B, H, W) fp32 or an empty (0,) tensor)."""
+    return tuple(native(logits.device).resize_argmax_fwd(logits, yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1,
+                                                         size[0], size[1], return_scores))

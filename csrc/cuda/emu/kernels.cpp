@@ -4,4 +4,5 @@
 #include "cuda/conv_layernorm.cu"
 #include "cuda/dwconv_gelu.cu"
 #include "cuda/upsample_sum.cu"
+#include "cuda/resize_argmax.cu"
 #include "cuda/emu/selftest.cu"
