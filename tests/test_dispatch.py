@@ -198,15 +198,17 @@ def _opcheck_cases(device):
         "upsample_sum": (maps, hws, size, *vec, True),
         "upsample_sum_epilogue_bwd": (r(1, 20, 8), maps, hws, size, *vec, True),
         "upsample_adjoint": (r(1, 20, 8), [2, 3], size, torch.float32),
+        "resize_argmax": (r(2, 5, 4, 6), [7, 9], False, True),
     }
     if device.type == "cpu" and backends.native_cpu_available():
         cases["upsample_sum_cpu"] = (maps, hws, size, *vec, True)
+        cases["resize_argmax_cpu"] = (r(2, 5, 4, 6), [3, 11], True, True)
     return cases
 
 
 CUSTOM_OPS = ("sra_attention_fwd", "sra_attention_bwd", "conv_layernorm", "conv_layernorm_backward",
               "dwconv_gelu", "dwconv_gelu_backward", "upsample_sum", "upsample_sum_epilogue_bwd",
-              "upsample_adjoint", "upsample_sum_cpu")
+              "upsample_adjoint", "upsample_sum_cpu", "resize_argmax", "resize_argmax_cpu")
 
 
 def test_every_custom_op_is_checked():
