@@ -4,8 +4,9 @@ On CPU, ``F.linear``/``addmm`` in fp32 calls MKL's sgemm, and a 1x1 ``conv2d`` o
 view can fall to the slow im2col path; oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 the primitive inductor's CPU fusions call, which takes plain dense tensors) ran SegFormer's GEMM
 shapes 1.6-3.8x faster in fp32 on the 2-core AVX-512 machine of issue 16 (interleaved medians:
-fc1 16384x32->128 3.8x, a transposed NCHW stage map 1.6x, the 256->150 classifier at 128² 2.0x),
-and in bf16 it is the kernel PyTorch itself picks. Same fp32 arithmetic (no TF32/bf16 down-
+fc1 16384x32->128 3.8x, a transposed NCHW stage map 1.6x, the 256->150 classifier at 128² 2.0x);
+whole patched model, fp32 512²: 1.11x on B0 and B2 with one thread, neutral (0.98-1.05x, noise)
+with two. In bf16 it is the kernel PyTorch itself picks. Same fp32 arithmetic (no TF32/bf16 down-
 conversion: oneDNN's default fp32 math mode), only the summation order differs.
 
 Used only where nothing needs what the stock call gives: inference (no autograd graph), eager
