@@ -1,10 +1,10 @@
 """Timing of the folded SegFormer decoder at real shapes, and its FLOP table.
 
-- ``upsample_sum`` op: ``fused`` (our op with the device's backend: ``triton`` on CUDA, ``torch``
-  on CPU), ``reference`` (segformer_fast.reference), ``stock`` (the strongest stock alternative:
+- ``upsample_sum`` op: ``fused`` (our op as ``auto`` runs it: ``triton`` on CUDA, the native kernel
+  on CPU, the torch composition where gradients are needed), ``reference``, ``stock`` (the strongest stock alternative:
   contiguous NCHW maps, F.interpolate, in-place adds, then BatchNorm-affine + ReLU).
 - whole head: ``original`` (our NVlabs-named SegFormerHead: concat + 1x1 linear_fuse at H/4) vs
-  ``fused`` (the head patched by ``segformer_fast.patch`` with the device's backend), eval forward and training fwd+bwd.
+  ``fused`` (the head patched by ``segformer_fast.patch``, ``auto`` backend), eval forward and training fwd+bwd.
 - FLOPs (FlopCounterMode) of whole models B0-B5 at 512² before/after patching the decode head,
   recorded in ``extra_info`` (``segformer_fast.analysis.decode_head.flop_table``).
 
@@ -58,15 +58,10 @@ def stock(maps, hws, size, bias, scale, shift):
     return y.flatten(2).transpose(1, 2)
 
 
-def _fused_backend(device: torch.device) -> str:
-    """The fused path of the device: Triton on CUDA, the native C++ kernel on CPU (whose calls that
-    need gradients take the torch composition) — what ``auto`` runs in a patched model."""
-    return "triton" if device.type == "cuda" else "cpu"
-
-
 OP_IMPLS = {
-    "fused": lambda maps, hws, size, *p: upsample_sum(maps, hws, size, *p, relu=True,
-                                                      backend=_fused_backend(maps[0].device)),
+    # what ``auto`` runs in a patched model: Triton on CUDA; on CPU the native kernel for
+    # inference and the torch composition where gradients are needed (the kernel has no backward)
+    "fused": lambda maps, hws, size, *p: upsample_sum(maps, hws, size, *p, relu=True, backend="auto"),
     "torch": lambda maps, hws, size, *p: upsample_sum(maps, hws, size, *p, relu=True, backend="torch"),
     "reference": lambda maps, hws, size, *p: reference.upsample_sum(maps, hws, size, *p, relu=True),
     "stock": stock,
@@ -120,7 +115,7 @@ def _run_head(benchmark, impl, shape, device, dtype, training):
     dims, _, D = VARIANTS[variant]
     head = init_realistic_(SegFormerHead(dims, D, 150), seed=1).to(device, dtype).train(training)
     if impl == "fused":
-        segformer_fast.patch(head, backend=_fused_backend(device))
+        segformer_fast.patch(head, backend="auto")
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(B, c, h, w, generator=g).to(device, dtype)
              for c, (h, w) in zip(dims, stage_sizes(side, side))]
