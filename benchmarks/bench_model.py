@@ -72,37 +72,17 @@ def test_model_cpu(benchmark, smoke, variant, mode, impl):
     run_case(benchmark, smoke, variant, impl, mode, (512, 512), 1, "cpu", torch.float32)
 
 
-def ort_session(variant, impl, size):
-    """An ONNX Runtime session (all graph optimisations, torch's thread count) of the HF model
-    exported with ``torch.onnx.export(dynamo=True)``, patched first for ``ort_patched``."""
-    ort = pytest.importorskip("onnxruntime")
+def ort_runner(variant, impl, size):
+    """ONNX Runtime on the HF model exported with ``torch.onnx.export(dynamo=True)``, patched first
+    for ``ort_patched`` (``segformer_fast.contenders.onnxruntime_runner``)."""
+    pytest.importorskip("onnxruntime")
+    from segformer_fast.contenders import onnxruntime_runner
     key = (variant, impl, size)
     if key not in _cache:
-        import io
-        import warnings
-
         model = copy.deepcopy(build(variant, "hf_sdpa", "cpu", torch.float32)).eval()
         if impl == "ort_patched":
             segformer_fast.patch(model)
-
-        class Logits(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x):
-                return self.m(pixel_values=x).logits
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(Logits(model), (torch.randn(1, 3, *size),), dynamo=True,
-                                        verbose=False)
-        buf = io.BytesIO()
-        program.save(buf)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = torch.get_num_threads()
-        _cache[key] = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        _cache[key] = onnxruntime_runner(model, torch.randn(1, 3, *size))
     return _cache[key]
 
 
@@ -113,12 +93,11 @@ def test_model_cpu_onnxruntime(benchmark, smoke, variant, impl):
     if smoke and variant != "b0":
         pytest.skip("smoke run: one ONNX export per implementation keeps CI short")
     size = (64, 64) if smoke else (512, 512)
-    sess = ort_session(variant, impl, size)
-    feed = {sess.get_inputs()[0].name: torch.randn(1, 3, *size).numpy()}
+    run, x = ort_runner(variant, impl, size), torch.randn(1, 3, *size)
     benchmark.extra_info.update(versions(), variant=variant, impl=impl, mode="fwd", size=list(size),
                                 batch=1, dtype=str(torch.float32), device="cpu",
                                 onnxruntime=__import__("onnxruntime").__version__)
-    benchmark.pedantic(lambda: sess.run(None, feed), rounds=1 if smoke else 5,
+    benchmark.pedantic(lambda: run(x), rounds=1 if smoke else 5,
                        warmup_rounds=0 if smoke else 1)
 
 

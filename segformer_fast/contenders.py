@@ -103,7 +103,9 @@ def contenders(variant: str = "b0", size: int = 512, engines: bool = True,
     if engines:
         for name, build in (("openvino_fp32", lambda: openvino_runner(stock, x, "f32")),
                             ("openvino_default", lambda: openvino_runner(stock, x)),
-                            ("onnxruntime", lambda: onnxruntime_runner(stock, x))):
+                            ("onnxruntime", lambda: onnxruntime_runner(stock, x)),
+                            # the patched model exported: the folded decoder travels into ONNX
+                            ("onnxruntime_patched", lambda: onnxruntime_runner(patched, x))):
             try:
                 runs[name] = build()
                 say(f"{name}: ready" + (f" (precision {runs[name].precision})"
