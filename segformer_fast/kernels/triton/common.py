@@ -41,15 +41,15 @@ def precision(dtype: torch.dtype) -> dict:
     return dict(UPCAST=upcast, INPUT_PRECISION="ieee" if (fp32 or upcast) else "tf32")
 
 
-def store_buffer(like: torch.Tensor) -> torch.Tensor:
-    """An empty contiguous tensor of ``like``'s shape for a kernel to store ``like``'s dtype into.
+def store_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty contiguous output of ``shape`` for a kernel to store ``dtype`` into.
 
     Under the interpreter a bf16 output is an fp32 buffer that :func:`stored` rounds afterwards:
     the interpreter converts fp32 to bf16 by truncation (even with fp_downcast_rounding="rtne"),
     where a GPU rounds to nearest even, which doubles the bf16 error of every stored value."""
-    if like.dtype == torch.bfloat16 and interpreting():
-        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
+    if dtype == torch.bfloat16 and interpreting():
+        dtype = torch.float32
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def stored(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

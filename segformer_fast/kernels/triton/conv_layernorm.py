@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LaunchConfig, interpreting, load_vec, pow2_block, precision
+from .common import LaunchConfig, interpreting, load_vec, pow2_block, precision, store_buffer, stored
 
 
 @triton.jit
@@ -211,9 +211,9 @@ def conv_layernorm_fwd(x, weight, bias, gamma, beta, stride, padding, eps):
     """x: 4D with any strides (NCHW image or channels-last view of tokens). Returns tokens."""
     B, Cout = x.shape[0], weight.shape[0]
     (Ho, Wo), geo = _geometry(x, weight, stride, padding)
-    out = torch.empty((B, Ho * Wo, Cout), device=x.device, dtype=x.dtype)
+    out = store_buffer((B, Ho * Wo, Cout), x.dtype, x.device)
     if out.numel() == 0:
-        return out
+        return stored(out, x.dtype)
     cfg = launch_config("fwd", Cout, geo[6], x.dtype)
     wk = weight_km(weight)
     grid = (triton.cdiv(Ho * Wo, cfg["BLOCK_M"]), B)
@@ -222,7 +222,7 @@ def conv_layernorm_fwd(x, weight, bias, gamma, beta, stride, padding, eps):
         beta if beta is not None else wk, out, *geo, float(eps),
         HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
         **precision(x.dtype), **cfg.kwargs())
-    return out
+    return stored(out, x.dtype)
 
 
 def conv_layernorm_bwd_dz(dy, x, weight, bias, gamma, stride, padding, eps):
@@ -230,7 +230,7 @@ def conv_layernorm_bwd_dz(dy, x, weight, bias, gamma, stride, padding, eps):
     B, Cout = x.shape[0], weight.shape[0]
     (Ho, Wo), geo = _geometry(x, weight, stride, padding)
     dy = dy.contiguous()
-    dz = torch.empty((B, Ho * Wo, Cout), device=x.device, dtype=x.dtype)
+    dz = store_buffer((B, Ho * Wo, Cout), x.dtype, x.device)
     cfg = launch_config("bwd", Cout, geo[6], x.dtype)
     wk = weight_km(weight)
     grid = (triton.cdiv(Ho * Wo, cfg["BLOCK_M"]), B)
@@ -244,4 +244,4 @@ def conv_layernorm_bwd_dz(dy, x, weight, bias, gamma, stride, padding, eps):
             *geo, float(eps), HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
             **precision(x.dtype), **cfg.kwargs())
     dgamma, dbeta, dbias = part.sum(0).unbind(0)
-    return dz, dgamma, dbeta, dbias
+    return stored(dz, x.dtype), dgamma, dbeta, dbias

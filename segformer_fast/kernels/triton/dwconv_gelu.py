@@ -230,7 +230,7 @@ def forward(x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias: torch.T
             approximate: str) -> torch.Tensor:
     """y = gelu(dwconv3x3(x) + bias) on contiguous tokens x (B, H*W, C)."""
     B, N, C = x.shape
-    y = store_buffer(x)
+    y = store_buffer(x.shape, x.dtype, x.device)
     cfg = launch_config("fwd", C)
     grid = (triton.cdiv(N, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
     _fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, N, H, W, C,
@@ -245,7 +245,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Te
     ``partial_rows`` overrides the number of backward-conv programs along the token axis
     (tests use it to exercise the multi-tile loop on tiny shapes)."""
     B, N, C = x.shape
-    g = store_buffer(x)
+    g = store_buffer(x.shape, x.dtype, x.device)
     cfg = launch_config("bwd_act", C)
     grid = (triton.cdiv(N, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
     _bwd_act_kernel[grid](x, weight, bias if bias is not None else weight, dy, g, N, H, W, C,
@@ -258,7 +258,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight: torch.Te
     G = partial_rows if partial_rows is not None else bwd_partial_rows(B, N, C)
     G = max(1, min(G, T))
     iters = triton.cdiv(T, G)
-    dx = store_buffer(x)
+    dx = store_buffer(x.shape, x.dtype, x.device)
     part = torch.empty((G, 10, C), device=x.device, dtype=torch.float32)
     _bwd_conv_kernel[(G, triton.cdiv(C, cfg["BLOCK_C"]))](
         x, g, weight, dx, part, N, H, W, C, T, num_ptiles, iters, **cfg.kwargs())

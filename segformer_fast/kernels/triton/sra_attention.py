@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LaunchConfig, pow2_block, precision
+from .common import LaunchConfig, pow2_block, precision, store_buffer, stored
 
 LOG2E = 1.4426950408889634
 
@@ -278,7 +278,7 @@ def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
     M = k.shape[1]
     d = C // num_heads
     cfg = launch_config("fwd", d, q.dtype)
-    o = torch.empty((B, N, C), device=q.device, dtype=q.dtype)
+    o = store_buffer((B, N, C), q.dtype, q.device)
     lse = torch.empty((B * num_heads, N), device=q.device, dtype=torch.float32)
     qk_scale, _ = _scales(scale)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), B * num_heads)
@@ -288,7 +288,7 @@ def sra_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_hea
         o.stride(0), o.stride(1),
         N, M, num_heads, qk_scale,
         HEAD_DIM=d, BLOCK_D=block_d(d), **precision(q.dtype), **cfg.kwargs())
-    return o, lse
+    return stored(o, q.dtype), lse
 
 
 def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -302,7 +302,7 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     qk_scale, sm_scale = _scales(scale)
 
     cfg = launch_config("dq", d, q.dtype)
-    dq = torch.empty((B, N, C), device=q.device, dtype=q.dtype)
+    dq = store_buffer((B, N, C), q.dtype, q.device)
     delta = torch.empty((BH, N), device=q.device, dtype=torch.float32)
     _sra_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), BH)](
         q, k, v, do, dq, lse, delta,
@@ -328,4 +328,4 @@ def sra_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         HEAD_DIM=d, BLOCK_D=block_d(d), **prec, **cfg.kwargs())
     dk = (dk.sum(0) if splits > 1 else dk[0]).to(q.dtype)
     dv = (dv.sum(0) if splits > 1 else dv[0]).to(q.dtype)
-    return dq, dk, dv
+    return stored(dq, q.dtype), dk, dv

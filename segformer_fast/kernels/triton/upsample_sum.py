@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LaunchConfig, load_vec, pow2_block, row_tile
+from .common import LaunchConfig, load_vec, pow2_block, row_tile, store_buffer, stored
 
 MAX_MAPS = 4
 
@@ -274,7 +274,7 @@ def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=Fa
     """Launch the forward kernel; returns tokens (B, H*W, D) in the maps' dtype."""
     B, _, D = maps[0].shape
     H, W = size
-    out = torch.empty((B, H * W, D), device=maps[0].device, dtype=maps[0].dtype)
+    out = store_buffer((B, H * W, D), maps[0].dtype, maps[0].device)
     cfg = launch_config("fwd", D)
     ptrs, args, ups = _map_args(maps, hws, size)
     dummy = maps[0]
@@ -285,7 +285,7 @@ def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=Fa
         NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         RELU=bool(relu), **cfg.kwargs())
-    return out
+    return stored(out, maps[0].dtype)
 
 
 def epilogue_bwd(grad, maps, hws, size, bias, scale, shift, relu):
@@ -326,12 +326,12 @@ def window(n_in: int, n_out: int) -> int:
 
 def _adjoint_1d(dz, B, outer, l_out, l_in, inner, dtype):
     cfg = launch_config("adjoint", inner)
-    dx = torch.empty((B, outer * l_in * inner), device=dz.device, dtype=dtype)
+    dx = store_buffer((B, outer * l_in * inner), dtype, dz.device)
     grid = (triton.cdiv(outer * l_in, cfg["BLOCK_Q"]), triton.cdiv(inner, cfg["BLOCK_I"]), B)
     _upsample_adjoint_kernel[grid](
         dx, dz, outer, l_out, l_in, inner, fp32_ratio(l_in, l_out), l_out / l_in,
         window(l_in, l_out), **cfg.kwargs())
-    return dx
+    return stored(dx, dtype)
 
 
 def upsample_adjoint(dz, hw, size, dtype):
