@@ -9,7 +9,6 @@ sm_80 and sm_90a with 0 spills. With a GPU: the nvcc build on CUDA tensors.
 """
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from segformer_fast.ops.conv_layernorm import conv_layernorm
 from segformer_fast.testing import check_op
 from test_conv_layernorm import CASES as TRITON_CASES, make_args
 # the attention test's emulation fixtures (emulated build; block orders) and ptxas parser
-from test_sra_attention_cuda import ARCHS, CSRC, NVCC, _ptxas_report, emu, order  # noqa: F401
+from cuda_testing import ARCHS, assert_no_spills, emu, needs_nvcc, order  # noqa: F401
 
 # (name, B, Cin, H, W, Cout, k, stride, padding, tokens, eps): the Triton twin's cases, then
 # 9x1 output map (tokens), Cout 100 (not a multiple of 8: a partly padded 8-column tile) and 20
@@ -177,21 +176,12 @@ def test_gpu_contract(case):
 
 
 # ------------------------------------------------------------------------------ nvcc, ahead of time
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@needs_nvcc
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_nvcc_no_spills(arch, tmp_path):
+def test_nvcc_no_spills(arch):
     """conv_layernorm.cu as the GPU build compiles it: all 13 kernels (fwd and dz for 3 dtypes x
     2 block shapes, the reduction) with 0 spill bytes; registers printed."""
-    cmd = [NVCC, "-std=c++17", "-O3", "-Xptxas", "-v", "-I", str(CSRC), "-I", str(CSRC / "cuda"),
-           "-cubin", f"-gencode={ARCHS[arch]}", str(CSRC / "cuda" / "conv_layernorm.cu"),
-           "-o", str(tmp_path / "k.cubin")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    kernels = _ptxas_report(r.stderr)
-    assert len(kernels) == 13 == r.stderr.count("Compiling entry function"), r.stderr[-2000:]
-    for name, (regs, stores, loads) in sorted(kernels.items()):
-        print(f"{arch}: {regs:>3} registers, {stores}/{loads} spill bytes  {name}")
-        assert (stores, loads) == (0, 0), f"{name} spills on {arch}: {stores} B stores, {loads} B loads"
+    assert len(assert_no_spills("cuda/conv_layernorm.cu", arch)) == 13
 
 
 def test_traffic_model():

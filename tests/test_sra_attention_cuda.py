@@ -21,7 +21,6 @@ from segformer_fast.ops.sra_attention import sra_attention
 from segformer_fast.testing import check_op
 
 from cuda_testing import ARCHS, CSRC, CU_FILES, NVCC, assert_no_spills, emu, needs_nvcc, order  # noqa: F401
-from cuda_testing import ptxas_report as _ptxas_report  # noqa: F401  (test_conv_layernorm_cuda imports it from here)
 
 
 def cuda_attention(q, k, v, heads, scale=None):
