@@ -99,6 +99,17 @@ def test_triton_backward_contract_training_path(launches, device):
     assert launches.count("_upsample_adjoint_kernel") == 4
 
 
+def test_triton_any_number_of_maps(launches, device):
+    # the kernels unroll over a tuple of maps: five maps (the fifth 1x1) with the full
+    # epilogue, forward and backward
+    hws = HWS + [(1, 1)]
+    fused, ref = _fns("triton", n=5, hws=hws)
+    for r in check_op(fused, ref, _args(8, device=device, hws=hws), torch.float32, name="triton 5 maps"):
+        print(r)
+    assert launches.count("_upsample_sum_fwd_kernel") == 1
+    assert launches.count("_epilogue_bwd_kernel") == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_torch_backend_contract(dtype, launches, device):
     fused, ref = _fns("torch")
@@ -147,7 +158,8 @@ def test_bad_inputs_raise_before_launch(launches):
         (ValueError, "\\(D,\\)", dict(maps=maps, hws=HWS, size=HWS[0], bias=torch.zeros(D + 1))),
         (ValueError, "size", dict(maps=maps, hws=HWS, size=(25,))),
         (TypeError, "relu", dict(maps=maps, hws=HWS, size=HWS[0], relu=1)),
-        (ValueError, "at most 4", dict(maps=maps + maps[:1], hws=HWS + HWS[:1], size=HWS[0])),
+        (ValueError, "at most 4", dict(maps=maps + maps[:1], hws=HWS + HWS[:1], size=HWS[0],
+                                       backend="cuda")),
         (ValueError, "triton: dtype torch.float64 not in", dict(maps=[m.double() for m in maps], hws=HWS,
                                                                size=HWS[0])),
         (ValueError, "unknown backend", dict(maps=maps, hws=HWS, size=HWS[0], backend="nope")),

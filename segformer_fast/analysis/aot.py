@@ -253,6 +253,23 @@ def _compiling():
                 os.environ["TRITON_CACHE_DIR"] = saved
 
 
+def _leaves(t) -> list:
+    """The scalar types of a (possibly nested, for tuple arguments) signature entry."""
+    return [x for y in t for x in _leaves(y)] if isinstance(t, tuple) else [t]
+
+
+def _arg_name(names: list[str], path: tuple) -> str:
+    """A Triton argument path as the kernel's source names it: ``geom[1][0]`` for (1, 1, 0)."""
+    return names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+
+
+def _arg_type(signature: dict, names: list[str], path: tuple) -> str:
+    t = signature[names[path[0]]]
+    for i in path[1:]:
+        t = t[i]
+    return t
+
+
 def compile_launch(launch: Launch, arch: int) -> Compiled:
     """Compile ``launch`` for ``sm_{arch}`` and read its resources (registers, spills, shared).
     Call inside ``_compiling()``."""
@@ -274,9 +291,10 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     names = [p.name for p in launch.fn.params]
     blocks = {names[path[0]]: v for path, v in constexprs.items()
               if names[path[0]].startswith(("BLOCK", "HEAD_DIM"))}
-    ptrs = sorted({t[1:] for t in signature.values() if t.startswith("*")})
-    div = [names[path[0]] for path, a in attrs.items() if a and signature[names[path[0]]] in ("i32", "i64")]
-    ones = [names[path[0]] for path in constexprs if not launch.fn.params[path[0]].is_constexpr]
+    ptrs = sorted({t[1:] for t in _leaves(tuple(signature.values())) if t.startswith("*")})
+    div = [_arg_name(names, path) for path, a in attrs.items()
+           if a and _arg_type(signature, names, path) in ("i32", "i64")]
+    ones = [_arg_name(names, path) for path in constexprs if not launch.fn.params[path[0]].is_constexpr]
     spec = " ".join(filter(None, [",".join(div) + "%16" if div else "", ",".join(ones) + "=1" if ones else ""]))
     return Compiled(launch.fn.__name__, arch, options.num_warps, options.num_stages, blocks, ",".join(ptrs), spec,
                     int(regs.group(1)), int(spill.group(1)) + int(spill.group(2)),

@@ -6,7 +6,7 @@ relu((sum_i up(map_i) + bias) * scale + shift), each term only where given (see
 ``segformer_fast.reference.upsample_sum``).
 
 Implementations (``segformer_fast.backends``): ``triton`` (one fused gather kernel forward;
-epilogue-backward + adjoint-gather kernels backward; at most 4 maps), ``cpu``
+epilogue-backward + adjoint-gather kernels backward; any number of maps, unrolled), ``cpu``
 (csrc/cpu/upsample_sum.cpp: one pass, fp32 or bf16 with fp32 sums, no backward: ``auto`` takes ``torch`` for calls needing
 gradients or other dtypes, a request for ``cpu`` by name raises for them), ``torch``
 (F.interpolate on channels-last *views* of the tokens, summed in place: no layout copies),
@@ -28,7 +28,7 @@ from ._common import autocast_policy, choose, cuda_limits, needs_grad, register_
 
 __all__ = ["upsample_sum"]
 
-_MAX_TRITON_MAPS = 4
+_MAX_CUDA_MAPS = 4      # csrc/cuda/upsample_sum.cu's fixed-size pointer array
 
 
 def _is_size(s) -> bool:
@@ -83,13 +83,6 @@ def _check(maps, hws, size, bias, scale, shift, relu) -> None:
             raise ValueError(f"upsample_sum: {name} is on {t.device}, maps on {first.device}")
     if not isinstance(relu, bool):
         raise TypeError(f"upsample_sum: relu must be a bool, got {type(relu).__name__}")
-
-
-def _triton_limits(inputs: Inputs) -> list[str]:
-    n = inputs.facts.get("maps")
-    if n is not None and n > _MAX_TRITON_MAPS:
-        return [f"at most {_MAX_TRITON_MAPS} maps, got {n}"]
-    return []
 
 
 def _pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
@@ -298,7 +291,9 @@ def _run_cuda(maps, hws, size, bias, scale, shift, relu) -> Tensor:
 
 
 def _cuda_limits(inputs: Inputs) -> list[str]:
-    return cuda_limits(inputs, _triton_limits(inputs))      # the same at most 4 maps
+    n = inputs.facts.get("maps")
+    return cuda_limits(inputs, [f"at most {_MAX_CUDA_MAPS} maps, got {n}"]
+                       if n is not None and n > _MAX_CUDA_MAPS else [])
 
 
 def _run_reference(maps, hws, size, bias, scale, shift, relu) -> Tensor:
@@ -306,7 +301,7 @@ def _run_reference(maps, hws, size, bias, scale, shift, relu) -> Tensor:
 
 
 IMPLS = register("upsample_sum", [
-    triton_impl(_run_triton, _triton_limits),
+    triton_impl(_run_triton),
     Impl("cuda", _run_cuda, devices=("cuda", "cpu"), dtypes=GPU_FLOATS, limits=_cuda_limits),
     Impl("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), backward=False,
          requires=needs_native_cpu),

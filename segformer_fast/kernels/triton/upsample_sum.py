@@ -36,8 +36,6 @@ import triton.language as tl
 
 from .common import LaunchConfig, load_vec, pow2_block, row_tile, store_buffer, stored
 
-MAX_MAPS = 4
-
 
 def launch_config(kernel: str, inner: int) -> LaunchConfig:
     """The one place launch configurations are chosen; ``inner`` is the contiguous extent a
@@ -108,57 +106,38 @@ def _accumulate_map(acc, m_ptr, pid_b, oh, ow, offs_d, pmask, dmask, h, w, sh, s
 
 
 @triton.jit
-def _gather_sum(m0, m1, m2, m3, pid_b, oh, ow, offs_d, pmask, dmask, D,
-                h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
-                UP3: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    acc = _accumulate_map(acc, m0, pid_b, oh, ow, offs_d, pmask, dmask, h0, w0, sh0, sw0, D, UP0)
-    if NUM_MAPS > 1:
-        acc = _accumulate_map(acc, m1, pid_b, oh, ow, offs_d, pmask, dmask, h1, w1, sh1, sw1, D, UP1)
-    if NUM_MAPS > 2:
-        acc = _accumulate_map(acc, m2, pid_b, oh, ow, offs_d, pmask, dmask, h2, w2, sh2, sw2, D, UP2)
-    if NUM_MAPS > 3:
-        acc = _accumulate_map(acc, m3, pid_b, oh, ow, offs_d, pmask, dmask, h3, w3, sh3, sw3, D, UP3)
-    return acc
-
-
-@triton.jit
-def _summed_tile(m0, m1, m2, m3, bias_ptr, H, W, D,
-                 h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                 NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
-                 UP3: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _summed_tile(maps, geom, bias_ptr, H, W, D, UP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's tile of z = sum of the (upsampled) maps + bias (BLOCK_P, BLOCK_D) fp32,
     shared by the forward and the (recomputing) epilogue backward, with the tile's flat int64
     offsets into (B, H*W, D), its pixel and channel masks and channel offsets."""
     pid_b = tl.program_id(2)
     offs_p, offs_d, pmask, dmask = row_tile(tl.program_id(0), tl.program_id(1), H * W, D, BLOCK_P, BLOCK_D)
-    z = _gather_sum(m0, m1, m2, m3, pid_b, offs_p // W, offs_p % W, offs_d, pmask, dmask, D,
-                    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                    NUM_MAPS, UP0, UP1, UP2, UP3, BLOCK_P, BLOCK_D)
+    oh = offs_p // W
+    ow = offs_p % W
+    z = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(len(maps)):        # unrolled: one to four maps
+        h, w, sh, sw = geom[k]
+        z = _accumulate_map(z, maps[k], pid_b, oh, ow, offs_d, pmask, dmask, h, w, sh, sw, D, UP[k])
     if HAS_BIAS:
         z += load_vec(bias_ptr, offs_d, dmask)
     tile = pid_b.to(tl.int64) * H * W * D + (offs_p * D)[:, None] + offs_d[None, :]
     return z, tile, pmask, dmask, offs_d
 
 
-# Kernel arguments: out, g (the incoming gradient), dz (B, H*W, D) tokens (dz fp32); m0..m3 the
-# maps (B, h_k*w_k, D) (unused ones: a dummy pointer, NUM_MAPS says how many are real); bias,
-# scale, shift (D,) (dummies when their HAS_* is False); h_k, w_k map sizes, sh_k = h_k/H and
-# sw_k = w_k/W as fp32 quotients; part (3, B*n_pblocks, D) fp32.
+# Kernel arguments: out, g (the incoming gradient), dz (B, H*W, D) tokens (dz fp32); maps a tuple
+# of one to four (B, h_k*w_k, D) tokens; geom a tuple of (h_k, w_k, sh_k, sw_k) per map, with
+# sh_k = h_k/H and sw_k = w_k/W as fp32 quotients; UP a constexpr tuple, True where map k is
+# upsampled (False: it already has the output size); bias, scale, shift (D,) (dummies when their
+# HAS_* is False); part (3, B*n_pblocks, D) fp32.
 
 @triton.jit
-def _upsample_sum_fwd_kernel(
-        out_ptr, m0, m1, m2, m3, bias_ptr, scale_ptr, shift_ptr,
-        H, W, D,
-        h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-        NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
-        UP3: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    acc, tile, pmask, dmask, offs_d = _summed_tile(
-        m0, m1, m2, m3, bias_ptr, H, W, D, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2,
-        h3, w3, sh3, sw3, NUM_MAPS, UP0, UP1, UP2, UP3, HAS_BIAS, BLOCK_P, BLOCK_D)
+def _upsample_sum_fwd_kernel(out_ptr, maps, geom, bias_ptr, scale_ptr, shift_ptr, H, W, D,
+                             UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc, tile, pmask, dmask, offs_d = _summed_tile(maps, geom, bias_ptr, H, W, D, UP, HAS_BIAS,
+                                                   BLOCK_P, BLOCK_D)
     # epilogue in fp32, in the reference's order: + bias (above), * scale, + shift, ReLU
     if HAS_SCALE:
         acc *= load_vec(scale_ptr, offs_d, dmask)
@@ -173,18 +152,13 @@ def _upsample_sum_fwd_kernel(
 # backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _epilogue_bwd_kernel(
-        dz_ptr, part_ptr, g_ptr, m0, m1, m2, m3, bias_ptr, scale_ptr, shift_ptr,
-        H, W, D, n_pblocks,
-        h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-        NUM_MAPS: tl.constexpr, UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr,
-        UP3: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _epilogue_bwd_kernel(dz_ptr, part_ptr, g_ptr, maps, geom, bias_ptr, scale_ptr, shift_ptr,
+                         H, W, D, n_pblocks, UP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """dz = d out / d(sum of maps); partials [3, B * n_pblocks, D] of dbias, dscale, dshift."""
-    z, tile, pmask, dmask, offs_d = _summed_tile(
-        m0, m1, m2, m3, bias_ptr, H, W, D, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2,
-        h3, w3, sh3, sw3, NUM_MAPS, UP0, UP1, UP2, UP3, HAS_BIAS, BLOCK_P, BLOCK_D)
+    z, tile, pmask, dmask, offs_d = _summed_tile(maps, geom, bias_ptr, H, W, D, UP, HAS_BIAS,
+                                                 BLOCK_P, BLOCK_D)
     mask = pmask[:, None] & dmask[None, :]
     g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
@@ -255,19 +229,12 @@ def _upsample_adjoint_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers (no checks: ops/upsample_sum.py validated the inputs)
 # ----------------------------------------------------------------------------------------------
-def _map_args(maps, hws, size):
+def _map_args(hws, size):
+    """(geom, UP): per map (h, w, h/H, w/W) with the ratios as fp32 quotients, and whether the
+    map is upsampled."""
     H, W = size
-    args, ups = [], []
-    for k in range(MAX_MAPS):
-        if k < len(maps):
-            h, w = hws[k]
-            args += [h, w, fp32_ratio(h, H), fp32_ratio(w, W)]
-            ups.append((h, w) != (H, W))
-        else:
-            args += [1, 1, 1.0, 1.0]
-            ups.append(False)
-    ptrs = list(maps) + [maps[0]] * (MAX_MAPS - len(maps))
-    return ptrs, args, ups
+    geom = tuple((h, w, fp32_ratio(h, H), fp32_ratio(w, W)) for h, w in hws)
+    return geom, tuple((h, w) != (H, W) for h, w in hws)
 
 
 def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=False):
@@ -276,14 +243,13 @@ def upsample_sum_fwd(maps, hws, size, bias=None, scale=None, shift=None, relu=Fa
     H, W = size
     out = store_buffer((B, H * W, D), maps[0].dtype, maps[0].device)
     cfg = launch_config("fwd", D)
-    ptrs, args, ups = _map_args(maps, hws, size)
+    geom, up = _map_args(hws, size)
     dummy = maps[0]
     grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(D, cfg["BLOCK_D"]), B)
     _upsample_sum_fwd_kernel[grid](
-        out, *ptrs, bias if bias is not None else dummy, scale if scale is not None else dummy,
-        shift if shift is not None else dummy, H, W, D, *args,
-        NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        out, tuple(maps), geom, bias if bias is not None else dummy,
+        scale if scale is not None else dummy, shift if shift is not None else dummy, H, W, D,
+        UP=up, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         RELU=bool(relu), **cfg.kwargs())
     return stored(out, maps[0].dtype)
 
@@ -297,15 +263,13 @@ def epilogue_bwd(grad, maps, hws, size, bias, scale, shift, relu):
     n_pb = triton.cdiv(H * W, cfg["BLOCK_P"])
     dz = torch.empty((B, H * W, D), device=grad.device, dtype=torch.float32)
     part = torch.empty((3, B * n_pb, D), device=grad.device, dtype=torch.float32)
-    ptrs, args, ups = _map_args(maps, hws, size)
+    geom, up = _map_args(hws, size)
     dummy = maps[0]
     grid = (n_pb, triton.cdiv(D, cfg["BLOCK_D"]), B)
     _epilogue_bwd_kernel[grid](
-        dz, part, grad.contiguous(), *ptrs, bias if bias is not None else dummy,
+        dz, part, grad.contiguous(), tuple(maps), geom, bias if bias is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
-        H, W, D, n_pb, *args,
-        NUM_MAPS=len(maps), UP0=ups[0], UP1=ups[1], UP2=ups[2], UP3=ups[3],
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        H, W, D, n_pb, UP=up, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         RELU=bool(relu), **cfg.kwargs())
     # three separate reductions: the results must not alias one another (custom-op outputs)
     return dz, part[0].sum(dim=0), part[1].sum(dim=0), part[2].sum(dim=0)
