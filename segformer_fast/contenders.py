@@ -115,6 +115,10 @@ def contenders(variant: str = "b0", size: int = 512, engines: bool = True,
     return runs, x
 
 
+NAMES = ("hf_sdpa", "patched_fp32", "patched_bf16_autocast", "openvino_fp32", "openvino_default",
+         "onnxruntime", "onnxruntime_patched")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m segformer_fast.contenders", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="b0")
@@ -126,9 +130,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     say = lambda m: print(m, flush=True)  # noqa: E731
+    only = set(args.only.split(",")) if args.only else None
+    if only and only - set(NAMES):
+        p.error(f"--only: unknown contender(s) {', '.join(sorted(only - set(NAMES)))}; "
+                f"expected names from {', '.join(NAMES)}")
     runs, x = contenders(args.variant, args.size, say=say)
-    if args.only:
-        keep = set(args.only.split(",")) | {"patched_fp32", "hf_sdpa"}
+    if only:
+        keep = only | {"patched_fp32", "hf_sdpa"}
         runs = {k: v for k, v in runs.items() if k in keep}
     ref = runs["hf_sdpa"](x).float()
     scale = ref.abs().max().item()

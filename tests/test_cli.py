@@ -38,3 +38,14 @@ def test_bench_table(tmp_path):
                                 "datetime": "now"}))
     out = run("bench", str(path))
     assert "| test_x[shape=s] | fused | 1.00 ms | 4.00x |" in out
+
+
+def test_contenders_names_are_checked():
+    from segformer_fast import contenders
+
+    runs, x = contenders.contenders("b0", 64, engines=False)
+    assert set(runs) == {"hf_sdpa", "patched_fp32", "patched_bf16_autocast"} <= set(contenders.NAMES)
+    # a misspelt --only fails loudly instead of printing a table without the contender
+    with pytest.raises(SystemExit) as e:
+        contenders.main(["--only", "openvino"])
+    assert e.value.code == 2
