@@ -72,12 +72,14 @@ def devices() -> list[str]:
 @dataclass
 class Case:
     """One op call: ``make(backend)`` gives the op pinned to a backend, ``reference`` the spec,
-    ``args(device)`` the tensors (leaves with requires_grad)."""
+    ``args(device)`` the tensors (leaves with requires_grad); ``facts`` what dispatch judges shape
+    limits by (``head_dim``...), so an implementation that refuses this shape is a skip, not a FAIL."""
     op: str
     name: str
     make: Callable[[str], Callable]
     reference: Callable
     args: Callable[[str], list]
+    facts: dict = field(default_factory=dict)
 
 
 def _gen(seed):
@@ -111,7 +113,7 @@ def _sra_cases():
                 return fn(q, kv[..., :C], kv[..., C:], heads, **kw)
             return run
         return Case("sra_attention", name, lambda b: split(sra_attention, backend=b),
-                    split(reference.sra_attention), args)
+                    split(reference.sra_attention), args, {"head_dim": d})
     return [case("B2 N37 M11 h2 d24", 2, 37, 11, 2, 24, 1.0),
             case("B1 N50 M9 h1 d64 x3", 1, 50, 9, 1, 64, 3.0),
             case("B1 N19 M7 h3 d40", 1, 19, 7, 3, 40, 1.0)]
@@ -193,12 +195,11 @@ _CASES = {"sra_attention": _sra_cases, "dwconv_gelu": _dwconv_cases, "conv_layer
           "upsample_sum": _upsample_cases}
 
 
-def cases(op: str, quick: bool) -> list[Case]:
-    """The shapes checked for ``op`` (one with ``quick``)."""
+def cases(op: str) -> list[Case]:
+    """The shapes checked for ``op`` (``quick`` runs the first one an implementation accepts)."""
     if op not in _CASES:
         raise KeyError(f"selfcheck has no cases for op {op!r}: add them to segformer_fast/selfcheck.py")
-    out = _CASES[op]()
-    return out[:1] if quick else out
+    return _CASES[op]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,11 +296,22 @@ def op_rows(ops=None, impls=None, dtypes=DTYPES, quick: bool = False, devs=None,
                                         detail="no selfcheck cases for this op yet: add them to "
                                                "segformer_fast/selfcheck.py"))
                         continue
-                    for case in cases(op, quick):
+                    ran, refused = 0, []
+                    for case in cases(op):
+                        if quick and ran:
+                            break
+                        c = backends.which(op, dev, _dtype(dt), backend=impl, needs_grad=want_grad,
+                                           facts=case.facts)
+                        if c.name != impl:             # a shape limit of this implementation
+                            refused.append(f"{case.name}: {'; '.join(c.reasons.get(impl) or ['refused'])}")
+                            continue
                         row = check_case(case, impl, dev, dt, want_grad)
+                        ran += 1
                         rows.append(row)
                         if progress:
                             progress(row)
+                    if refused and (not quick or not ran):
+                        rows.append(Row("op", op, impl, dev, dt, "-", "skip", detail=" | ".join(refused)))
     return rows
 
 

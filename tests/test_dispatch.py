@@ -45,7 +45,8 @@ def test_triton_on_cpu_without_interpreter_names_every_implementation(monkeypatc
     print(msg)
     assert msg.count("\n") == 5, msg                       # the header + one line per implementation
     assert "triton: CPU tensors need TRITON_INTERPRET=1" in msg
-    for name in ("cpu", "torch", "reference"):
+    assert "\n  cpu: dtype torch.float32 not in (bfloat16)" in msg    # the native kernel is bf16-only
+    for name in ("torch", "reference"):
         assert f"\n  {name}: can run it" in msg
 
 
@@ -203,12 +204,21 @@ def _opcheck_cases(device):
     if device.type == "cpu" and backends.native_cpu_available():
         cases["upsample_sum_cpu"] = (maps, hws, size, *vec, True)
         cases["resize_argmax_cpu"] = (r(2, 5, 4, 6), [3, 11], True, True)
+        if torch.ops.segformer_fast.sra_attention_cpu and _has_bf16_dot():
+            cases["sra_attention_cpu"] = (r(2, 9, 64).bfloat16(), r(2, 5, 64).bfloat16(), r(2, 5, 64).bfloat16(),
+                                          2, 0.25)
     return cases
+
+
+def _has_bf16_dot() -> bool:
+    from segformer_fast.kernels.cpu import native
+    return native().cpu_has_bf16_dot()
 
 
 CUSTOM_OPS = ("sra_attention_fwd", "sra_attention_bwd", "conv_layernorm", "conv_layernorm_backward",
               "dwconv_gelu", "dwconv_gelu_backward", "upsample_sum", "upsample_sum_epilogue_bwd",
-              "upsample_adjoint", "upsample_sum_cpu", "resize_argmax", "resize_argmax_cpu")
+              "upsample_adjoint", "upsample_sum_cpu", "resize_argmax", "resize_argmax_cpu",
+              "sra_attention_cpu")
 
 
 def test_every_custom_op_is_checked():
@@ -223,7 +233,7 @@ def test_every_custom_op_is_checked():
 
 @pytest.mark.parametrize("name", CUSTOM_OPS)
 def test_opcheck(name, device):
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and name != "upsample_sum_cpu":
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not name.endswith("_cpu"):
         pytest.skip("triton custom ops on CPU tensors need the interpreter")
     cases = _opcheck_cases(device)
     if name not in cases:

@@ -8,4 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(SEGFORMER_FAST_CPU_ISA=portable forces the fallback)");
   m.def("resize_argmax_forward", &resize_argmax_forward,
         "bilinear resize + argmax over classes in one pass, labels (+ scores) (ops.resize_argmax)");
+  m.def("sra_attention_bf16_forward", &sra_attention_bf16_forward,
+        "many-queries few-keys attention in bf16 on AVX512-BF16 dot products (ops.sra_attention)");
+  m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "whether sra_attention_bf16_forward can run on this CPU");
 }

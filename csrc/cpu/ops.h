@@ -22,3 +22,13 @@ std::tuple<torch::Tensor, torch::Tensor> resize_argmax_forward(
     const torch::Tensor& logits, const torch::Tensor& yi0, const torch::Tensor& yi1, const torch::Tensor& wy0,
     const torch::Tensor& wy1, const torch::Tensor& xi0, const torch::Tensor& xi1, const torch::Tensor& wx0,
     const torch::Tensor& wx1, int64_t H, int64_t W, bool return_scores);
+
+// segformer_fast.ops.sra_attention, bf16 inference on AVX512-BF16: q (B, N, C), k and v (B, M, C)
+// bf16 with contiguous channels (any row stride), head dim C / num_heads a multiple of 32, <= 128;
+// returns (B, N, C) bf16 contiguous.
+torch::Tensor sra_attention_bf16_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                         int64_t num_heads, double scale);
+
+// Whether sra_attention_bf16_forward can run here: the CPU has AVX512-BF16 and
+// SEGFORMER_FAST_CPU_ISA is not "portable".
+bool cpu_has_bf16_dot();

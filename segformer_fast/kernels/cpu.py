@@ -1,7 +1,7 @@
 """The native CPU kernels of ``csrc/cpu`` (C++, ``at::parallel_for``), built on first use."""
 from __future__ import annotations
 
-SOURCES = ("cpu/upsample_sum.cpp", "cpu/resize_argmax.cpp", "bindings/cpu.cpp")
+SOURCES = ("cpu/upsample_sum.cpp", "cpu/resize_argmax.cpp", "cpu/sra_attention.cpp", "bindings/cpu.cpp")
 # -fopenmp: at::parallel_for is inline OpenMP in the headers; without the flag it runs serially.
 # -ffp-contract=off: the AVX-512 and portable instantiations of a kernel (cpu/isa.h) must round
 # alike, so neither may fuse a multiply-add into an FMA.

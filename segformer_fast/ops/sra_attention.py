@@ -4,8 +4,11 @@
 Implementations (``segformer_fast.backends``): ``triton`` (flash-style kernels, head dim <= 128:
 one head's K/V tile stays on chip), ``cuda`` (the CUDA C++ twin of the Triton kernels, head dim
 <= 128: nvcc build on CUDA tensors; on CPU tensors the CUDA emulation, when
-``SEGFORMER_FAST_CUDA_EMULATE=1`` and ``cuda`` is named), ``torch`` (``scaled_dot_product_attention``
-on strided head views, any head dim), ``reference``.
+``SEGFORMER_FAST_CUDA_EMULATE=1`` and ``cuda`` is named), ``cpu`` (bf16 inference on CPUs with
+AVX512-BF16, head dim a multiple of 32 up to 128: csrc/cpu/sra_attention.cpp, both products on
+VDPBF16PS with the softmax in cache between them; 2.2x PyTorch's bf16 SDPA at SegFormer's shapes on
+the 2-core AVX-512 machine; ``auto`` takes ``torch`` for every other call), ``torch``
+(``scaled_dot_product_attention`` on strided head views, any head dim), ``reference``.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import GPU_FLOATS, Impl, Inputs, register, triton_impl
-from ._common import autocast_policy, choose, needs_grad, register_pair
+from ..backends import GPU_FLOATS, Impl, Inputs, needs_native_cpu, register, triton_impl
+from ._common import autocast_policy, choose, needs_grad, register_autocast, register_pair
 
 __all__ = ["sra_attention"]
 
@@ -129,6 +132,52 @@ def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -
     return out.transpose(1, 2).reshape(B, N, C)
 
 
+# ---------------------------------------------------------------- cpu: native bf16 kernel
+@torch.library.custom_op("segformer_fast::sra_attention_cpu", mutates_args=())
+def _sra_attention_cpu(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
+    # a custom op, so torch.compile keeps the native call in its graph instead of breaking there
+    from ..kernels.cpu import native
+    return native().sra_attention_bf16_forward(q, k, v, num_heads, scale)
+
+
+@_sra_attention_cpu.register_fake
+def _(q, k, v, num_heads, scale):
+    return q.new_empty(q.shape)
+
+
+register_autocast(_sra_attention_cpu, "lower")
+
+
+def _cpu_ready(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _run_cpu(q, k, v, num_heads, scale):
+    return _sra_attention_cpu(_cpu_ready(q), _cpu_ready(k), _cpu_ready(v), num_heads, scale)
+
+
+def _cpu_limits(inputs: Inputs) -> list[str]:
+    d = inputs.facts.get("head_dim")
+    if d is not None and (d % 32 or d > 128):
+        return [f"head dim {d} is not a multiple of 32 up to 128 (the kernel's register tiles)"]
+    return []
+
+
+@torch.compiler.assume_constant_result     # a fact about the machine: dynamo must not trace it
+def _bf16_dot() -> bool:
+    from ..kernels.cpu import native
+    return native().cpu_has_bf16_dot()
+
+
+def _needs_bf16_dot() -> str | None:
+    missing = needs_native_cpu()
+    if missing:
+        return missing
+    if not _bf16_dot():
+        return "this CPU has no AVX512-BF16 (or SEGFORMER_FAST_CPU_ISA=portable)"
+    return None
+
+
 def _run_triton(q, k, v, num_heads, scale):
     return _sra_fwd(q, k, v, num_heads, scale)[0]
 
@@ -171,6 +220,8 @@ def _cuda_limits(inputs: Inputs) -> list[str]:
 IMPLS = register("sra_attention", [
     triton_impl(_run_triton, _triton_limits),
     Impl("cuda", _run_cuda, devices=("cuda", "cpu"), dtypes=GPU_FLOATS, limits=_cuda_limits),
+    Impl("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.bfloat16,), backward=False, limits=_cpu_limits,
+         requires=_needs_bf16_dot),
     Impl("torch", _run_torch, onnx=True),
     Impl("reference", reference.sra_attention, onnx=True),
 ])
