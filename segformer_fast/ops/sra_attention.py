@@ -235,7 +235,7 @@ def sra_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float 
     q: (B, N, C); k, v: (B, M, C) (k and v may be column halves of one (B, M, 2C) tensor: any
     row stride works, only the channel dim must be contiguous). Head h owns channels
     h*d ... (h+1)*d, d = C // num_heads (the triton and cuda implementations take d <= 128, the
-    others any d); ``scale`` defaults to d**-0.5. Softmax statistics and accumulations are fp32 for every
+    bf16-only cpu kernel d a multiple of 32 up to 128, the others any d); ``scale`` defaults to d**-0.5. Softmax statistics and accumulations are fp32 for every
     input dtype; fp32 inputs use IEEE dot products. Under autocast all tensors run in the autocast
     dtype. ``backend`` pins one implementation (default: the process-wide choice).
     Returns (B, N, C) in q's dtype.
