@@ -99,9 +99,10 @@ def test_dispatch_and_forced_fallback(native, monkeypatch):
     assert "no AVX512-BF16" in str(backends.which("sra_attention", "cpu", torch.bfloat16, backend="cpu"))
 
 
-def test_patched_model_under_autocast(native):
-    """A patched tiny HF SegFormer under CPU bf16 autocast runs the kernel in every attention and
-    stays as close to the fp32 stock logits as stock autocast does."""
+def test_patched_model_in_bf16(native):
+    """A patched tiny HF SegFormer in bf16, under CPU autocast and cast with ``.to(torch.bfloat16)``,
+    runs the kernel in every attention and stays as close to the fp32 stock logits as its stock
+    twin in the same precision."""
     transformers = pytest.importorskip("transformers")
     import segformer_fast
     from segformer_fast.testing import init_realistic_
@@ -116,12 +117,20 @@ def test_patched_model_under_autocast(native):
     x = torch.randn(2, 3, 61, 45)
     with torch.inference_mode():
         want = stock(pixel_values=x).logits
+        scale = want.abs().max()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            stock_bf16 = stock(pixel_values=x).logits.float()
+            twin = stock(pixel_values=x).logits.float()
             with _count_native(native) as calls:
                 ours = patched(pixel_values=x).logits.float()
-    assert len(calls) == 2
-    scale = want.abs().max()
-    err, stock_err = (ours - want).abs().max() / scale, (stock_bf16 - want).abs().max() / scale
-    print(f"patched bf16 {err:.2e} vs stock bf16 {stock_err:.2e} (relative to the fp32 logits' scale)")
-    assert err <= 2 * stock_err + 1e-3
+        assert len(calls) == 2
+        err, twin_err = (ours - want).abs().max() / scale, (twin - want).abs().max() / scale
+        print(f"autocast: patched {err:.2e} vs stock {twin_err:.2e} (relative to the fp32 logits' scale)")
+        assert err <= 2 * twin_err + 1e-3
+        xb = x.bfloat16()
+        twin = copy.deepcopy(stock).to(torch.bfloat16)(pixel_values=xb).logits.float()
+        with _count_native(native) as calls:
+            ours = copy.deepcopy(patched).to(torch.bfloat16)(pixel_values=xb).logits.float()
+        assert len(calls) == 2
+        err, twin_err = (ours - want).abs().max() / scale, (twin - want).abs().max() / scale
+        print(f".to(bf16): patched {err:.2e} vs stock {twin_err:.2e}")
+        assert err <= 2 * twin_err + 1e-3
