@@ -2,8 +2,9 @@
 patched by segformer_fast — forward and forward+backward; on CPU also both exported to ONNX and
 run by ONNX Runtime (``ort_stock`` vs ``ort_patched``: the folded decoder travels with the export).
 
-CPU (here): B0/B1/B2 at 512², batch 1, fp32; OpenVINO fp32 and at its default precision when
-installed (``.[bench]``); the patched B0 under bf16 autocast. CUDA: B0-B5 at 512², 1024², 1024x2048, batch 1 and
+CPU (here): B0/B1/B2 at 512², batch 1, fp32; the patched model under bf16 autocast; OpenVINO fp32
+and at its default precision and ONNX Runtime when installed (``.[bench]``); the contender rows at
+B0 and B2 512² and B0 1024² (``python -m segformer_fast.contenders`` times the same rows interleaved). CUDA: B0-B5 at 512², 1024², 1024x2048, batch 1 and
 8, fp16/bf16 (skipped without a GPU). Compare rows of one run as ratios; the JSON under
 benchmarks/results/ records device and versions.
 """
@@ -72,6 +73,26 @@ def test_model_cpu(benchmark, smoke, variant, mode, impl):
     run_case(benchmark, smoke, variant, impl, mode, (512, 512), 1, "cpu", torch.float32)
 
 
+# the contender rows: (variant, side) where OpenVINO, ONNX Runtime and bf16 autocast are compared
+CONTENDER_CASES = [("b0", 512), ("b2", 512), ("b0", 1024)]
+
+
+def _contender_case(smoke, variant, side):
+    """The input size of a contender row; the smoke run keeps one case (b0) at 64²."""
+    if smoke and (variant, side) != ("b0", 512):
+        pytest.skip("smoke run: one case per contender keeps CI short")
+    return (64, 64) if smoke else (side, side)
+
+
+@pytest.mark.parametrize("impl", ["hf_sdpa", "patched"])
+def test_model_cpu_1024(benchmark, smoke, impl):
+    """B0 at 1024² in fp32: the high-resolution row of the contenders table."""
+    benchmark.group = "model-cpu-b0-fwd-1024"
+    if smoke:
+        pytest.skip("smoke run: the 512² rows cover these implementations")
+    run_case(benchmark, smoke, "b0", impl, "fwd", (1024, 1024), 1, "cpu", torch.float32)
+
+
 def ort_runner(variant, impl, size):
     """ONNX Runtime on the HF model exported with ``torch.onnx.export(dynamo=True)``, patched first
     for ``ort_patched`` (``segformer_fast.contenders.onnxruntime_runner``)."""
@@ -87,12 +108,10 @@ def ort_runner(variant, impl, size):
 
 
 @pytest.mark.parametrize("impl", ["ort_stock", "ort_patched"])
-@pytest.mark.parametrize("variant", ["b0", "b2"])
-def test_model_cpu_onnxruntime(benchmark, smoke, variant, impl):
-    benchmark.group = f"model-cpu-{variant}-fwd-512"
-    if smoke and variant != "b0":
-        pytest.skip("smoke run: one ONNX export per implementation keeps CI short")
-    size = (64, 64) if smoke else (512, 512)
+@pytest.mark.parametrize("variant,side", CONTENDER_CASES)
+def test_model_cpu_onnxruntime(benchmark, smoke, variant, side, impl):
+    benchmark.group = f"model-cpu-{variant}-fwd-{side}"
+    size = _contender_case(smoke, variant, side)
     run, x = ort_runner(variant, impl, size), torch.randn(1, 3, *size)
     benchmark.extra_info.update(versions(), variant=variant, impl=impl, mode="fwd", size=list(size),
                                 batch=1, dtype=str(torch.float32), device="cpu",
@@ -102,17 +121,15 @@ def test_model_cpu_onnxruntime(benchmark, smoke, variant, impl):
 
 
 @pytest.mark.parametrize("precision", ["f32", "default"])
-@pytest.mark.parametrize("variant", ["b0", "b2"])
-def test_model_cpu_openvino(benchmark, smoke, variant, precision):
+@pytest.mark.parametrize("variant,side", CONTENDER_CASES)
+def test_model_cpu_openvino(benchmark, smoke, variant, side, precision):
     """OpenVINO's CPU plugin on the same HF weights (optional: ``pip install .[bench]``): fp32,
     and its default precision (bf16 on CPUs with AVX512-BF16/AMX)."""
     pytest.importorskip("openvino")
     from segformer_fast.contenders import openvino_runner
 
-    benchmark.group = f"model-cpu-{variant}-fwd-512"
-    if smoke and variant != "b0":
-        pytest.skip("smoke run: one OpenVINO conversion per precision keeps CI short")
-    size = (64, 64) if smoke else (512, 512)
+    benchmark.group = f"model-cpu-{variant}-fwd-{side}"
+    size = _contender_case(smoke, variant, side)
     key = (variant, "openvino", precision, size)
     x = torch.randn(1, 3, *size)
     if key not in _cache:
@@ -125,17 +142,18 @@ def test_model_cpu_openvino(benchmark, smoke, variant, precision):
     benchmark.pedantic(lambda: run(x), rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
 
 
-def test_model_cpu_bf16_autocast(benchmark, smoke):
+@pytest.mark.parametrize("variant,side", CONTENDER_CASES)
+def test_model_cpu_bf16_autocast(benchmark, smoke, variant, side):
     """The patched model under CPU bf16 autocast (the row to read against openvino_default)."""
-    benchmark.group = "model-cpu-b0-fwd-512"
-    size = (64, 64) if smoke else (512, 512)
-    model = build("b0", "patched", "cpu", torch.float32).eval()
+    benchmark.group = f"model-cpu-{variant}-fwd-{side}"
+    size = _contender_case(smoke, variant, side)
+    model = build(variant, "patched", "cpu", torch.float32).eval()
     x = torch.randn(1, 3, *size)
 
     def step():
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             return model(x).logits
-    benchmark.extra_info.update(versions(), variant="b0", impl="patched_bf16_autocast", mode="fwd",
+    benchmark.extra_info.update(versions(), variant=variant, impl="patched_bf16_autocast", mode="fwd",
                                 size=list(size), batch=1, dtype="torch.bfloat16 (autocast)", device="cpu")
     benchmark.pedantic(step, rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
 
