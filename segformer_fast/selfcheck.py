@@ -191,8 +191,40 @@ def _upsample_cases():
             case("B2 D16 2 maps 13x7 bias only", 2, 16, [(13, 7), (4, 3)], False, 1.0)]
 
 
+def _resize_argmax_cases():
+    import torch
+
+    from . import reference
+    from .ops import resize_argmax
+
+    def case(name, B, K, h, w, size, align_corners, mag):
+        def args(device):
+            return [(torch.randn(B, K, h, w, generator=_gen(7)) * mag).to(device)]
+
+        def make(backend):
+            def run(logits):
+                labels, scores = resize_argmax(logits, size, align_corners, return_scores=True, backend=backend)
+                # labels: those of interpolate + argmax on the same input, except at near-ties
+                up = torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear",
+                                                     align_corners=align_corners)
+                top2 = up.topk(2, dim=1).values
+                clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * up.abs().amax().clamp_min(1e-30)
+                wrong = int(((labels != up.argmax(1)) & clear).sum())
+                if wrong:
+                    raise AssertionError(f"resize_argmax[{backend}]: {wrong} labels differ from "
+                                         "interpolate + argmax away from near-ties")
+                return scores
+            return run
+        return Case("resize_argmax", name, make,
+                    lambda logits: reference.resize_argmax(logits, size, align_corners, return_scores=True)[1],
+                    args)
+    return [case("B2 K19 7x9 -> 29x37", 2, 19, 7, 9, (29, 37), False, 3.0),
+            case("B1 K150 5x6 -> 17x23 align_corners", 1, 150, 5, 6, (17, 23), True, 1.0),
+            case("B1 K7 13x11 -> 6x5 (down)", 1, 7, 13, 11, (6, 5), False, 1.0)]
+
+
 _CASES = {"sra_attention": _sra_cases, "dwconv_gelu": _dwconv_cases, "conv_layernorm": _conv_ln_cases,
-          "upsample_sum": _upsample_cases}
+          "upsample_sum": _upsample_cases, "resize_argmax": _resize_argmax_cases}
 
 
 def cases(op: str) -> list[Case]:

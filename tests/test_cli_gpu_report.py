@@ -101,6 +101,20 @@ def test_selfcheck_fails_on_a_wrong_implementation(monkeypatch):
     assert selfcheck.exit_code([r for r in rows if r.impl == "reference"]) == 0
 
 
+def test_selfcheck_resize_argmax_checks_labels_not_only_scores(monkeypatch):
+    real = next(i for i in backends._OPS["resize_argmax"] if i.name == "torch").run
+
+    def wrong_labels(*args):
+        labels, scores = real(*args)
+        return (labels + 1) % 19, scores            # right scores, wrong classes
+    monkeypatch.setitem(backends._OPS, "resize_argmax", _planted("resize_argmax", "torch", wrong_labels))
+    rows = selfcheck.run(quick=True, ops=["resize_argmax"], impls=["torch", "reference"], dtypes=("fp32",),
+                         model=False)
+    by = {r.impl: r for r in rows if r.status != "skip"}
+    assert by["torch"].status == "FAIL" and "labels differ" in by["torch"].detail
+    assert by["reference"].status == "ok"
+
+
 def test_selfcheck_fails_on_a_crash_and_on_nothing_checked(monkeypatch):
     def boom(*args):
         raise RuntimeError("illegal memory access")
@@ -129,7 +143,8 @@ def test_gpu_report_dry_run_writes_json_and_summary(tmp_path):
     assert rep["steps"]["op_bench"]["status"] == "ok" and rep["steps"]["selfcheck"]["status"] == "not requested"
     ops_rows = json.loads((out / "op_bench.json").read_text())["rows"]
     timed = {(x["op"], x["impl"]) for x in ops_rows if "median_s" in x}
-    for op in selfcheck._CASES:       # the ops both runners have shapes for
+    # the four fused ops (resize_argmax is timed by benchmarks/bench_postprocess.py)
+    for op in ("sra_attention", "dwconv_gelu", "conv_layernorm", "upsample_sum"):
         assert (op, "triton") in timed and (op, "torch") in timed
     assert all(x["pct_roofline"] is None for x in ops_rows)       # no GPU: no roofline percentage
     san = json.loads((out / "sanitizer.json").read_text())["runs"][0]
