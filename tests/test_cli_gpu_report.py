@@ -85,14 +85,15 @@ def _planted(op, impl, fn):
     return tuple(dataclasses.replace(i, run=fn) if i.name == impl else i for i in backends._OPS[op])
 
 
-def test_selfcheck_fails_on_a_wrong_implementation(monkeypatch):
-    real = next(i for i in backends._OPS["dwconv_gelu"] if i.name == "torch").run
+def _quick_fp32_rows(monkeypatch, op, wrap):
+    """selfcheck --quick fp32 rows of ``op`` on torch (its run wrapped by ``wrap``) and reference."""
+    real = next(i for i in backends._OPS[op] if i.name == "torch").run
+    monkeypatch.setitem(backends._OPS, op, _planted(op, "torch", wrap(real)))
+    return selfcheck.run(quick=True, ops=[op], impls=["torch", "reference"], dtypes=("fp32",), model=False)
 
-    def off_by_a_bit(*args):
-        return real(*args) * 1.001
-    monkeypatch.setitem(backends._OPS, "dwconv_gelu", _planted("dwconv_gelu", "torch", off_by_a_bit))
-    rows = selfcheck.run(quick=True, ops=["dwconv_gelu"], impls=["torch", "reference"], dtypes=("fp32",),
-                         model=False)
+
+def test_selfcheck_fails_on_a_wrong_implementation(monkeypatch):
+    rows = _quick_fp32_rows(monkeypatch, "dwconv_gelu", lambda real: lambda *a: real(*a) * 1.001)
     by = {r.impl: r for r in rows if r.status != "skip"}
     assert by["torch"].status == "FAIL" and "max|out-ref|" in by["torch"].detail
     assert by["reference"].status == "ok"
@@ -102,15 +103,12 @@ def test_selfcheck_fails_on_a_wrong_implementation(monkeypatch):
 
 
 def test_selfcheck_resize_argmax_checks_labels_not_only_scores(monkeypatch):
-    real = next(i for i in backends._OPS["resize_argmax"] if i.name == "torch").run
-
-    def wrong_labels(*args):
-        labels, scores = real(*args)
-        return (labels + 1) % 19, scores            # right scores, wrong classes
-    monkeypatch.setitem(backends._OPS, "resize_argmax", _planted("resize_argmax", "torch", wrong_labels))
-    rows = selfcheck.run(quick=True, ops=["resize_argmax"], impls=["torch", "reference"], dtypes=("fp32",),
-                         model=False)
-    by = {r.impl: r for r in rows if r.status != "skip"}
+    def wrong_labels(real):
+        def run(*args):
+            labels, scores = real(*args)
+            return (labels + 1) % 19, scores            # right scores, wrong classes
+        return run
+    by = {r.impl: r for r in _quick_fp32_rows(monkeypatch, "resize_argmax", wrong_labels) if r.status != "skip"}
     assert by["torch"].status == "FAIL" and "labels differ" in by["torch"].detail
     assert by["reference"].status == "ok"
 
