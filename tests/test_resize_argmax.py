@@ -56,6 +56,28 @@ def compare(labels, logits, size, align_corners, scores=None, what=""):
     return int(diff.sum())
 
 
+def same_bits_as_torch(backend, case, seed, device="cpu"):
+    """A kernel backend's labels and scores equal the torch composition's bit for bit in every
+    dtype (and its labels-only call the same labels); the labels are stock except counted near-ties."""
+    shape, size, ac = case
+    for name, dtype in DTYPES.items():
+        x = logits_for(shape, dtype, seed=seed).to(device)
+        labels, scores = resize_argmax(x, size, ac, return_scores=True, backend=backend)
+        tl, ts = resize_argmax(x, size, ac, return_scores=True, backend="torch")
+        assert torch.equal(labels, tl) and torch.equal(scores, ts), name
+        ties = compare(labels.cpu(), x.cpu(), size, ac, scores.cpu(), f"{backend} {name}")
+        print(backend, name, shape, size, "near-ties", ties, "of", labels.numel())
+        assert torch.equal(resize_argmax(x, size, ac, backend=backend), labels)
+
+
+def nan_wins(backend, device="cpu"):
+    """A NaN score wins its pixel, as in torch.argmax (two NaN pixels, no resize)."""
+    y = logits_for((1, 5, 4, 4))
+    y[0, 3, 1, 1] = float("nan")
+    y[0, 1, 2, 2] = float("nan")
+    assert torch.equal(resize_argmax(y.to(device), (4, 4), backend=backend).cpu(), y.argmax(1))
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}->{c[1]}{'-ac' if c[2] else ''}")
 def test_matches_stock(backend, case):

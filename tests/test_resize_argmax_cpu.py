@@ -9,7 +9,7 @@ import torch
 
 from segformer_fast import backends
 from segformer_fast.ops import resize_argmax
-from test_resize_argmax import CASES, DTYPES, compare, logits_for
+from test_resize_argmax import CASES, compare, logits_for, nan_wins, same_bits_as_torch
 
 pytestmark = pytest.mark.skipif(not backends.native_cpu_available(), reason="native CPU kernels did not build")
 
@@ -18,15 +18,7 @@ TILED = [((2, 6, 40, 70), (150, 261), False), ((1, 11, 90, 33), (37, 140), True)
 
 @pytest.mark.parametrize("case", CASES + TILED, ids=lambda c: f"{c[0]}->{c[1]}{'-ac' if c[2] else ''}")
 def test_same_bits_as_torch_and_stock_labels(case):
-    shape, size, ac = case
-    for name, dtype in DTYPES.items():
-        x = logits_for(shape, dtype, seed=1)
-        labels, scores = resize_argmax(x, size, ac, return_scores=True, backend="cpu")
-        tl, ts = resize_argmax(x, size, ac, return_scores=True, backend="torch")
-        assert torch.equal(labels, tl) and torch.equal(scores, ts), name
-        ties = compare(labels, x, size, ac, scores, f"cpu {name}")
-        print(name, shape, size, "near-ties", ties, "of", labels.numel())
-        assert torch.equal(resize_argmax(x, size, ac, backend="cpu"), labels)
+    same_bits_as_torch("cpu", case, seed=1)
 
 
 def test_portable_path_is_bit_identical(monkeypatch):
@@ -50,10 +42,7 @@ def test_exact_ties_and_nan():
     x = logits_for((1, 8, 9, 150))                 # two column tiles at W = 300
     x[:, 5] = x[:, 2] = x.max() + 1
     assert (resize_argmax(x, (20, 300), backend="cpu") == 2).all()
-    y = logits_for((1, 5, 4, 4))
-    y[0, 3, 1, 1] = float("nan")
-    y[0, 1, 2, 2] = float("nan")
-    assert torch.equal(resize_argmax(y, (4, 4), backend="cpu"), y.argmax(1))
+    nan_wins("cpu")
 
 
 def test_auto_picks_cpu():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segformer_fast.ops import resize_argmax
-from test_resize_argmax import CASES, DTYPES, compare, logits_for
+from test_resize_argmax import CASES, logits_for, nan_wins, same_bits_as_torch
 
 pytest.importorskip("segformer_fast.kernels.triton.resize_argmax")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -15,22 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}->{c[1]}{'-ac' if c[2] else ''}")
 def test_same_bits_as_torch_and_stock_labels(case):
-    shape, size, ac = case
-    for name, dtype in DTYPES.items():
-        x = logits_for(shape, dtype, seed=2).to(DEVICE)
-        labels, scores = resize_argmax(x, size, ac, return_scores=True, backend="triton")
-        tl, ts = resize_argmax(x, size, ac, return_scores=True, backend="torch")
-        assert torch.equal(labels, tl) and torch.equal(scores, ts), name
-        ties = compare(labels.cpu(), x.cpu(), size, ac, scores.cpu(), f"triton {name}")
-        print(name, shape, size, "near-ties", ties, "of", labels.numel())
-    assert torch.equal(resize_argmax(x, size, ac, backend="triton"), labels)
+    same_bits_as_torch("triton", case, seed=2, device=DEVICE)
 
 
 def test_exact_ties_and_nan():
     x = logits_for((1, 6, 5, 7)).to(DEVICE)
     x[:, 4] = x[:, 1] = x.max() + 1
     assert (resize_argmax(x, (11, 9), backend="triton") == 1).all()
-    y = logits_for((1, 5, 4, 4))
-    y[0, 3, 1, 1] = float("nan")
-    y[0, 1, 2, 2] = float("nan")
-    assert torch.equal(resize_argmax(y.to(DEVICE), (4, 4), backend="triton").cpu(), y.argmax(1))
+    nan_wins("triton", DEVICE)
