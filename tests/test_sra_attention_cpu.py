@@ -2,6 +2,7 @@
 dispatch (bf16 inference on AVX512-BF16 only; the forced fallback gives SDPA) and a patched model
 under CPU autocast."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from segformer_fast import backends
 from segformer_fast import reference as R
 from segformer_fast.ops import sra_attention
 from segformer_fast.testing import check_op
+from native_testing import count_native
+
+_count_native = functools.partial(count_native, entry="sra_attention_bf16_forward")
 
 
 @pytest.fixture(scope="module")
@@ -21,31 +25,6 @@ def native():
     if not n.cpu_has_bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16: the kernel cannot run (dispatch tests below still run)")
     return n
-
-
-class _count_native:
-    """Records calls of the native entry point while active."""
-
-    def __init__(self, native):
-        self.native, self.calls = native, []
-
-    def __enter__(self):
-        import segformer_fast.kernels.cpu as kcpu
-        real, calls = self.native, self.calls
-
-        class Spy:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def sra_attention_bf16_forward(self, *a):
-                calls.append(a)
-                return real.sra_attention_bf16_forward(*a)
-        self.kcpu, self.orig = kcpu, kcpu.native
-        kcpu.native = lambda: Spy()
-        return calls
-
-    def __exit__(self, *exc):
-        self.kcpu.native = self.orig
 
 
 def _qkv(B, N, M, heads, d, mag, seed=0):

@@ -1,10 +1,15 @@
 """The native CPU upsample-sum kernel (csrc/cpu/upsample_sum.cpp) against the reference."""
+import functools
+
 import pytest
 import torch
 
 from segformer_fast import backends, reference
 from segformer_fast.ops import upsample_sum
 from segformer_fast.testing import assert_contract
+from native_testing import count_native
+
+_count_native = functools.partial(count_native, entry="upsample_sum_forward")
 
 
 @pytest.fixture(scope="module")
@@ -14,28 +19,6 @@ def native():
     from segformer_fast.kernels.cpu import native as load
 
     return load()
-
-
-class _count_native:
-    """Context manager: records calls of the native extension's entry point."""
-
-    def __init__(self, native):
-        self.native, self.calls = native, []
-
-    def __enter__(self):
-        import segformer_fast.kernels.cpu as kcpu
-        real, calls = self.native.upsample_sum_forward, self.calls
-
-        class Spy:
-            def upsample_sum_forward(self, *a):
-                calls.append(a)
-                return real(*a)
-        self.kcpu, self.orig = kcpu, kcpu.native
-        kcpu.native = lambda: Spy()
-        return calls
-
-    def __exit__(self, *exc):
-        self.kcpu.native = self.orig
 
 
 def _maps(B, D, hws, scale=1.0, seed=0):
