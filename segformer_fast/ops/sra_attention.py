@@ -57,8 +57,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale) -> None:
         raise TypeError(f"sra_attention: scale must be a float or None, got {type(scale).__name__}")
 
 
-def _triton_ready(t: Tensor) -> Tensor:
-    # kernels read rows by stride but need the channel dim contiguous (kv halves already are)
+def _channels_contiguous(t: Tensor) -> Tensor:
+    # every kernel (Triton, CUDA, native CPU) reads rows by stride but needs the channel dim
+    # contiguous (kv halves already are)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -88,13 +89,12 @@ def _kernel_ops(prefix: str, launchers):
     fakes, autograd and autocast are the same."""
     @torch.library.custom_op(f"segformer_fast::{prefix}sra_attention_fwd", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
-        return launchers()[0](_triton_ready(q), _triton_ready(k), _triton_ready(v), num_heads, scale)
+        return launchers()[0](*map(_channels_contiguous, (q, k, v)), num_heads, scale)
 
     @torch.library.custom_op(f"segformer_fast::{prefix}sra_attention_bwd", mutates_args=())
     def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_heads: int,
             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        return launchers()[1](_triton_ready(do), _triton_ready(q), _triton_ready(k), _triton_ready(v),
-                              lse, num_heads, scale)
+        return launchers()[1](*map(_channels_contiguous, (do, q, k, v)), lse, num_heads, scale)
 
     def backward(ctx, do, dlse):
         q, k, v, lse = ctx.saved_tensors
@@ -148,12 +148,8 @@ def _(q, k, v, num_heads, scale):
 register_autocast(_sra_attention_cpu, "lower")
 
 
-def _cpu_ready(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _run_cpu(q, k, v, num_heads, scale):
-    return _sra_attention_cpu(_cpu_ready(q), _cpu_ready(k), _cpu_ready(v), num_heads, scale)
+    return _sra_attention_cpu(*map(_channels_contiguous, (q, k, v)), num_heads, scale)
 
 
 def _cpu_limits(inputs: Inputs) -> list[str]:
